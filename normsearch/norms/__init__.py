@@ -1,0 +1,30 @@
+"""Normalization layers from the four papers, plus the plain ones, behind one registry.
+
+Every layer is built as ``layer(num_features, **kwargs)`` and keeps its state in registered
+buffers. Look them up by name with :func:`create_norm_layer`; :func:`list_norms` lists the names.
+"""
+
+from ._registry import NormEntry, create_norm_layer, get_norm_entry, list_norms, register_norm
+from .basic import GroupNorm2d, InstanceNorm2d, LayerNorm2d, NoNorm
+from .mode import ModeGroupNorm2d, ModeNorm2d
+from .mixture import MixtureNorm2d
+from .switchable import SwitchNorm2d
+from .standardization import StandardizationLossTap, standardization_loss
+
+__all__ = [
+    "NormEntry",
+    "create_norm_layer",
+    "get_norm_entry",
+    "list_norms",
+    "register_norm",
+    "GroupNorm2d",
+    "InstanceNorm2d",
+    "LayerNorm2d",
+    "NoNorm",
+    "ModeNorm2d",
+    "ModeGroupNorm2d",
+    "MixtureNorm2d",
+    "SwitchNorm2d",
+    "StandardizationLossTap",
+    "standardization_loss",
+]

@@ -1,0 +1,2 @@
+"""PLACEHOLDER: being written; replace whole file."""
+SwitchNorm2d = None
