@@ -1,0 +1,137 @@
+"""Command line: ``normsearch run | export | dashboard | list-norms``. Thin: each command calls the library.
+
+Errors a user can fix (bad config, missing data, not a run directory) print one line
+``normsearch: error: ...`` and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+EXIT_USAGE = 2
+
+
+def _fail(msg: str) -> int:
+    print(f"normsearch: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import optuna
+    from rich.console import Console
+
+    from .config import load_config
+    from .runner import run
+    from .summary import print_summary
+
+    cfg = load_config(args.config)
+    overrides = {}
+    if args.run_dir:
+        overrides["run_dir"] = args.run_dir
+    if args.storage:
+        overrides["storage"] = args.storage
+    if overrides:
+        cfg = cfg.model_copy(update=overrides)
+    search = {k: v for k, v in (("n_trials", args.n_trials), ("backend", args.backend)) if v is not None}
+    if search:
+        cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update=search)})
+        cfg = type(cfg).model_validate(cfg.model_dump())  # re-validate overridden values
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    summary = run(cfg, progress=not args.quiet)
+    print_summary(summary, Console())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    for path in export_run(Path(args.run_dir), args.trial, Path(args.out) if args.out else None):
+        print(path)
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from .config import parse_config
+
+    import yaml
+
+    run_dir = Path(args.run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        return _fail(f"{run_dir}: not a normsearch run directory (no config.yaml)")
+    cfg = parse_config(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
+    cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
+    from optuna_dashboard import run_server
+
+    url = cfg.resolved_storage()
+    print(f"optuna-dashboard for {url} on http://{args.host}:{args.port}/", flush=True)
+    run_server(url, host=args.host, port=args.port)
+    return 0
+
+
+def _cmd_list_norms(args: argparse.Namespace) -> int:
+    from .norms import get_norm_entry, list_norms
+
+    for name in list_norms():
+        entry = get_norm_entry(name)
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in entry.accepted_kwargs().items() if k not in ("device", "dtype"))
+        print(f"{name:14s} {entry.summary}")
+        print(f"{'':14s}   args: {kwargs or '-'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="normsearch", description="Search per-layer normalization layers for CNNs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run (or resume) the search described by a YAML file")
+    r.add_argument("config", help="search-space YAML file, e.g. search_spaces/quickstart.yaml")
+    r.add_argument("--run-dir", help="override run_dir (where the study and weights go)")
+    r.add_argument("--storage", help="override the Optuna storage URL (any SQLAlchemy URL)")
+    r.add_argument("--n-trials", type=int, help="override search.n_trials")
+    r.add_argument("--backend", choices=["optuna", "ray", "enas"], help="override search.backend")
+    r.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    r.set_defaults(func=_cmd_run)
+    e = sub.add_parser("export", help="write best_model.py and best_spec.yaml for a run's best trial")
+    e.add_argument("run_dir")
+    e.add_argument("--trial", type=int, help="export this trial number instead of the best")
+    e.add_argument("--out", help="output directory (default: RUN_DIR)")
+    e.set_defaults(func=_cmd_export)
+    d = sub.add_parser("dashboard", help="serve optuna-dashboard on a run's study")
+    d.add_argument("run_dir")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8080)
+    d.set_defaults(func=_cmd_dashboard)
+    ln = sub.add_parser("list-norms", help="list the registered normalizers and their arguments")
+    ln.set_defaults(func=_cmd_list_norms)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``normsearch`` console script; returns the exit status."""
+    from pydantic import ValidationError
+
+    from .config import ConfigError, format_validation_error
+
+    args = build_parser().parse_args(argv)
+    try:
+        from .data import DataError
+    except ImportError:  # pragma: no cover
+        DataError = RuntimeError  # type: ignore[assignment,misc]
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError, LookupError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        return _fail(msg)
+    except ValidationError as err:
+        return _fail(format_validation_error(err, "command-line override"))
+    except KeyboardInterrupt:
+        print("normsearch: interrupted; re-run the same command to resume the study", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""``search.backend: ray``: Ray Tune ``Tuner`` + ``OptunaSearch`` writing into the run's Optuna storage.
+
+Ray Tune schedules the trials (local Ray by default, a cluster when ``search.ray.address`` is set),
+ASHA stops unpromising ones, and Optuna's sampler picks the per-layer normalizers through Ray's
+``OptunaSearch`` with the same define-by-run space as the optuna backend. Ray's ``OptunaSearch``
+stores no user attrs and tells ASHA-stopped and failed-after-reporting trials as COMPLETE;
+:class:`RecordingOptunaSearch` fixes both, so the study reads the same whichever backend ran it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from optuna.trial import TrialState
+
+from ..config import RunConfig
+from ..space import SearchSpace
+from ..study import (
+    ATTR_FAIL_REASON,
+    ATTR_NUM_PARAMETERS,
+    ATTR_STOPPED_BY,
+    ATTR_WEIGHTS,
+    METRIC,
+    count_finished,
+    epoch_attrs,
+    make_sampler,
+    open_storage,
+    set_attrs,
+    spec_attrs,
+    weights_path,
+)
+from .progress import SearchProgress
+
+_NUMBER_KEY = "__trial_number"  # constant added to each Ray config by the define-by-run space
+
+
+def _import_ray():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file for a local cluster
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    try:
+        import ray
+        from ray import tune
+    except ImportError as err:  # pragma: no cover - ray is a dependency
+        raise ImportError("backend 'ray' needs Ray Tune: pip install 'ray[tune]'") from err
+    return ray, tune
+
+
+def ray_trainable(config: dict[str, Any], run_config: dict[str, Any], space: SearchSpace) -> None:
+    """Ray Tune function trainable: decode the sampled params, train, ``tune.report`` per epoch.
+
+    A failing trial (exception, NaN loss) reports ``fail_reason`` and returns normally, so Ray
+    keeps the search going and the searcher records the trial as FAIL with its reason.
+    """
+    from ray import tune
+
+    from ..config import RunConfig
+    from ..trial import run_trial
+
+    cfg = RunConfig.model_validate(run_config)
+    if cfg.train.threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+    params = {k: v for k, v in config.items() if k != _NUMBER_KEY}
+    number = int(config[_NUMBER_KEY])
+    spec = space.decode(params)
+    best = 0.0
+    last: dict[str, Any] = {}
+
+    def report(r: Any) -> None:
+        nonlocal best, last
+        best = max(best, r.val_acc)
+        last = {
+            METRIC: r.val_acc, "epoch": r.epoch, "epochs_total": cfg.train.epochs, "best_val_acc": best,
+            "train_loss": r.train_loss, "step_time_s": r.step_time_s, "images_per_s": r.images_per_s,
+        }
+        tune.report(dict(last))
+
+    try:
+        outcome = run_trial(
+            cfg, spec, seed=cfg.seed + number, report=report, weights_path=weights_path(cfg.resolved_run_dir(), number)
+        )
+        tune.report(dict(last, num_parameters=outcome.num_parameters, finished=True))
+    except Exception as err:  # recorded as FAIL by RecordingOptunaSearch
+        tune.report(dict(last or {METRIC: 0.0, "epoch": 0}, fail_reason=f"{type(err).__name__}: {err}"[:500]))
+
+
+def _make_searcher_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class RecordingOptunaSearch(OptunaSearch):
+        """OptunaSearch that records normsearch's user attrs and the true trial state."""
+
+        def __init__(
+            self, *args: Any, search_space: SearchSpace, epochs: int, run_dir: Path, progress: SearchProgress, **kwargs: Any
+        ):
+            super().__init__(*args, **kwargs)
+            self._search_space = search_space
+            self._epochs = epochs
+            self._run_dir = run_dir
+            self._progress = progress
+            self._started: set[str] = set()
+
+        def suggest(self, trial_id: str) -> Optional[dict]:
+            config = super().suggest(trial_id)
+            if config is not None and trial_id not in self._started:
+                self._started.add(trial_id)
+                ot = self._ot_trials[trial_id]
+                spec = self._spec_of(config)
+                set_attrs(ot, spec_attrs(spec, "ray") | {ATTR_WEIGHTS: str(weights_path(self._run_dir, ot.number))})
+                self._progress.trial_started(ot.number, spec, self._epochs)
+            return config
+
+        def _spec_of(self, config: dict) -> Any:
+            return self._search_space.decode({k: v for k, v in config.items() if k != _NUMBER_KEY})
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if "fail_reason" in result or result.get("finished"):
+                return  # bookkeeping results, not an epoch
+            super().on_trial_result(trial_id, result)
+            ot = self._ot_trials[trial_id]
+            set_attrs(ot, epoch_attrs(result["epoch"], result["step_time_s"], result["images_per_s"], result["best_val_acc"]))
+            self._progress.epoch_done(ot.number, _Row(result))
+
+        def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return
+            ot = self._ot_trials[trial_id]
+            result = result or {}
+            if error or "fail_reason" in result:
+                ot.set_user_attr(ATTR_FAIL_REASON, result.get("fail_reason", "the Ray trial errored (see the Ray logs)"))
+                self._ot_study.tell(ot, state=TrialState.FAIL)
+                self._progress.trial_finished(ot.number, "FAIL", None)
+            elif "num_parameters" in result or result.get("epoch", 0) >= self._epochs:
+                if "num_parameters" in result:
+                    ot.set_user_attr(ATTR_NUM_PARAMETERS, result["num_parameters"])
+                value = result.get(METRIC)
+                self._ot_study.tell(ot, value)
+                self._progress.trial_finished(ot.number, "COMPLETE", value)
+            else:  # stopped by the scheduler before its epoch budget
+                ot.set_user_attr(ATTR_STOPPED_BY, "scheduler:asha")
+                self._ot_study.tell(ot, state=TrialState.PRUNED)
+                self._progress.trial_finished(ot.number, "PRUNED", result.get(METRIC))
+            self._completed_trials.add(trial_id)
+
+    return RecordingOptunaSearch
+
+
+class _Row:
+    """Attribute view of a Ray result dict for the progress printer."""
+
+    def __init__(self, result: dict):
+        self.epoch = result["epoch"]
+        self.val_acc = result[METRIC]
+        self.train_loss = result["train_loss"]
+        self.step_time_s = result["step_time_s"]
+        self.images_per_s = result["images_per_s"]
+
+
+def run_ray(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> None:
+    """Run the search with Ray Tune until ``search.n_trials`` trials have finished."""
+    ray, tune = _import_ray()
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    rc = cfg.search.ray
+    storage = open_storage(cfg)
+    import optuna
+
+    study = optuna.create_study(study_name=cfg.name, storage=storage, direction="maximize", load_if_exists=True)
+    remaining = cfg.search.n_trials - count_finished(study)
+    if remaining <= 0:
+        return
+    run_dir = cfg.resolved_run_dir().resolve()
+    if not ray.is_initialized():
+        if rc.address:
+            ray.init(address=rc.address, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+    def define_by_run(trial: Any) -> dict:
+        space.suggest(trial)
+        return {_NUMBER_KEY: trial.number}
+
+    searcher_cls = _make_searcher_class()
+    searcher = searcher_cls(
+        space=define_by_run, metric=METRIC, mode="max", sampler=make_sampler(cfg), storage=storage,
+        study_name=cfg.name, search_space=space, epochs=cfg.train.epochs, run_dir=run_dir, progress=progress,
+    )
+    if rc.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration", metric=METRIC, mode="max", max_t=cfg.train.epochs,
+            grace_period=min(rc.grace_period, cfg.train.epochs), reduction_factor=rc.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    run_cfg = cfg
+    if rc.gpus_per_trial > 0 and cfg.train.device == "auto":  # a trial given a GPU trains on it
+        run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})
+    trainable = tune.with_resources(
+        tune.with_parameters(ray_trainable, run_config=run_cfg.model_dump(mode="json"), space=space),
+        {"cpu": rc.cpus_per_trial, "gpu": rc.gpus_per_trial},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=remaining,
+            max_concurrent_trials=rc.max_concurrent_trials, time_budget_s=cfg.search.timeout_s,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.name, storage_path=str(run_dir / "ray"), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        ),
+    )
+    tuner.fit()

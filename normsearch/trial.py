@@ -1,0 +1,140 @@
+"""One trial, engine-agnostic: ModelSpec -> model -> Trainer.fit -> outcome (+ saved weights).
+
+Both search backends (Optuna in-process, Ray Tune workers) call :func:`run_trial`; it imports
+neither engine. The weights of every trial are saved after each epoch, so a trial stopped by a
+pruner or scheduler can still be evaluated or exported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import RunConfig
+from .data import DataBundle, TensorLoader, load_data
+from .spec import ModelSpec
+from .surgery import count_parameters, find_norm_slots, model_from_spec
+from .models import create_model
+from .train import EpochReport, FitResult, Trainer, resolve_device
+
+#: ``report(epoch_report) -> stop?``: what a backend passes to follow (and stop) a trial.
+Report = Callable[[EpochReport], Optional[bool]]
+
+
+@dataclass
+class TrialOutcome:
+    """What a finished (or stopped) trial produced.
+
+    Attributes:
+        fit: the trainer's result (accuracies as fractions, times in seconds, images/s).
+        num_parameters: trainable parameters of the trial's model.
+        weights_path: file with the last epoch's ``state_dict`` and spec (``None`` if not saved).
+    """
+
+    fit: FitResult
+    num_parameters: int
+    weights_path: Optional[Path]
+
+
+def model_slots(cfg: RunConfig) -> dict[str, int]:
+    """Normalization slots (label -> num_features) of the configured model on the configured data.
+
+    Only the data's shape is needed; it is read from the dataset registry without loading images
+    twice (``load_data`` caches in-process).
+    """
+    bundle = load_data(cfg.data)
+    model = create_model(cfg.model.name, in_channels=bundle.in_channels, num_classes=bundle.num_classes, **cfg.model.kwargs)
+    return find_norm_slots(model)
+
+
+def build_model(cfg: RunConfig, spec: ModelSpec, bundle: DataBundle) -> nn.Module:
+    """The configured CNN with ``spec`` applied to its slots (on CPU, float32)."""
+    return model_from_spec(
+        cfg.model.name, spec, in_channels=bundle.in_channels, num_classes=bundle.num_classes, **cfg.model.kwargs
+    )
+
+
+def make_loaders(cfg: RunConfig, bundle: DataBundle, device: torch.device, seed: int) -> tuple[TensorLoader, TensorLoader]:
+    """Training (shuffled, augmented) and validation loaders on ``device``."""
+    common = dict(mean=bundle.mean, std=bundle.std, device=device)
+    train = TensorLoader(
+        bundle.train, cfg.train.batch_size, shuffle=True, augment=cfg.data.augment, seed=seed, **common
+    )
+    val = TensorLoader(bundle.val, cfg.train.eval_batch_size, shuffle=False, augment=None, **common)
+    return train, val
+
+
+def save_weights(model: nn.Module, spec: ModelSpec, path: Path, **extra: Any) -> None:
+    """Atomically write ``{"state_dict", "spec", **extra}`` to ``path`` (tmp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "spec": spec.to_dict(), **extra}, tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(cfg: RunConfig, path: Path, bundle: DataBundle) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild a trial's model from a file written by :func:`save_weights`."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    spec = ModelSpec.from_dict(payload["spec"])
+    model = build_model(cfg, spec, bundle)
+    model.load_state_dict(payload["state_dict"])
+    return model, spec
+
+
+def run_trial(
+    cfg: RunConfig,
+    spec: ModelSpec,
+    *,
+    seed: int,
+    report: Optional[Report] = None,
+    weights_path: Optional[Path] = None,
+) -> TrialOutcome:
+    """Train the configured model with ``spec`` and report validation accuracy after each epoch.
+
+    Args:
+        cfg: the run configuration (data, model, train sections are used).
+        spec: per-layer normalizers and standardization-loss weight.
+        seed: trial seed (weights init, data order, augmentation).
+        report: called after each epoch; returning True stops the trial early.
+        weights_path: where to save the model after each epoch (``None`` = don't save).
+
+    Raises:
+        normsearch.train.TrialDiverged: the loss became NaN/inf.
+        normsearch.data.DataError: the dataset is missing and cannot be downloaded.
+    """
+    bundle = load_data(cfg.data)
+    train_cfg = cfg.train.model_copy(update={"seed": seed})
+    device = resolve_device(train_cfg.device)
+    torch.manual_seed(seed)
+    model = build_model(cfg, spec, bundle)
+    train_loader, val_loader = make_loaders(cfg, bundle, device, seed)
+    trainer = Trainer(
+        model, train_cfg, std_loss_layers=spec.std_loss_layers, std_loss_weight=spec.std_loss_weight, device=device
+    )
+
+    def on_epoch(r: EpochReport) -> Optional[bool]:
+        if weights_path is not None:
+            save_weights(model, spec, weights_path, epoch=r.epoch, val_acc=r.val_acc)
+        return report(r) if report is not None else None
+
+    fit = trainer.fit(train_loader, val_loader, on_epoch)
+    return TrialOutcome(fit, count_parameters(model), weights_path)
+
+
+def evaluate_weights(cfg: RunConfig, path: Path, split: str = "test") -> tuple[float, float]:
+    """(accuracy as a fraction, mean cross-entropy) of saved weights on a data split."""
+    bundle = load_data(cfg.data)
+    device = resolve_device(cfg.train.device)
+    model, spec = load_weights(cfg, path, bundle)
+    loader = TensorLoader(
+        getattr(bundle, split), cfg.train.eval_batch_size, shuffle=False, augment=None,
+        mean=bundle.mean, std=bundle.std, device=device,
+    )
+    trainer = Trainer(model, cfg.train, device=device)
+    return trainer.evaluate(loader)
