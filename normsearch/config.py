@@ -61,6 +61,15 @@ class DataConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
     split_seed: int = 0
 
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from .data import list_datasets  # lazy: data imports this module
+
+        if v not in list_datasets():
+            raise ValueError(f"unknown dataset {v!r}; valid: {', '.join(list_datasets())}")
+        return v
+
 
 # --------------------------------------------------------------------------------------------
 # training
@@ -262,6 +271,15 @@ class ModelConfig(_Strict):
 
     name: str = "resnet20"
     kwargs: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from .models import list_models  # lazy: keeps config importable on its own
+
+        if v not in list_models():
+            raise ValueError(f"unknown model {v!r}; valid: {', '.join(list_models())}")
+        return v
 
 
 # --------------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def _parse_choice(c: ChoiceConfig, path: str, slots: Mapping[str, int], labels: 
     # that does not divide a layer's width is reported now rather than failing trials later.
     base = dict(fixed) | {a: _probe_values(d, None)[0] for a, d in searched}
     for width in sorted({slots[lab] for lab in labels}):
-        for arg, dom in [(None, None)] + searched:
+        for arg, dom in searched or [(None, None)]:
             for v in _probe_values(dom, None) if arg else [None]:
                 kwargs = base | ({arg: v} if arg else {})
                 try:

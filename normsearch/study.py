@@ -12,6 +12,7 @@ Every trial, whichever backend ran it, carries:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -74,7 +75,9 @@ def make_sampler(cfg: RunConfig) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.search.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
+    with warnings.catch_warnings():  # multivariate/group/constant_liar are flagged experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
 
 
 def make_pruner(cfg: RunConfig) -> optuna.pruners.BasePruner:

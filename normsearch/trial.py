@@ -94,6 +94,7 @@ def run_trial(
     seed: int,
     report: Optional[Report] = None,
     weights_path: Optional[Path] = None,
+    on_model: Optional[Callable[[nn.Module], None]] = None,
 ) -> TrialOutcome:
     """Train the configured model with ``spec`` and report validation accuracy after each epoch.
 
@@ -103,6 +104,7 @@ def run_trial(
         seed: trial seed (weights init, data order, augmentation).
         report: called after each epoch; returning True stops the trial early.
         weights_path: where to save the model after each epoch (``None`` = don't save).
+        on_model: called with the freshly built model before training (e.g. to record its size).
 
     Raises:
         normsearch.train.TrialDiverged: the loss became NaN/inf.
@@ -113,6 +115,8 @@ def run_trial(
     device = resolve_device(train_cfg.device)
     torch.manual_seed(seed)
     model = build_model(cfg, spec, bundle)
+    if on_model is not None:
+        on_model(model)
     train_loader, val_loader = make_loaders(cfg, bundle, device, seed)
     trainer = Trainer(
         model, train_cfg, std_loss_layers=spec.std_loss_layers, std_loss_weight=spec.std_loss_weight, device=device

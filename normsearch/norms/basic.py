@@ -73,7 +73,14 @@ class InstanceNorm2d(nn.GroupNorm):
 
 @register_norm("none", summary="no normalization (identity); combine with the standardization loss")
 class NoNorm(nn.Identity):
-    """Identity that accepts and records ``num_features``, so it fits a ``norm_layer`` slot."""
+    """No normalization: the identity, accepting and recording ``num_features`` so it fits a slot.
+
+    Combine it with the standardization loss (``std_loss: true`` in a search space) to get the
+    Collins et al. setting: a network without explicit normalization layers.
+
+    Shape:
+        Input (N, C, *) -> output of the same shape (the input itself).
+    """
 
     def __init__(self, num_features: int):
         super().__init__()

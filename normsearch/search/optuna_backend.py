@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import optuna
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
@@ -23,6 +25,7 @@ from ..study import (
     spec_attrs,
     weights_path,
 )
+from ..surgery import count_parameters
 from ..train import EpochReport
 from ..trial import run_trial
 from .progress import SearchProgress
@@ -80,13 +83,15 @@ def run_optuna(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> 
                 return True
             return False
 
+        def on_model(model: Any) -> None:
+            trial.set_user_attr(ATTR_NUM_PARAMETERS, count_parameters(model))
+
         try:
-            outcome = run_trial(cfg, spec, seed=cfg.seed + trial.number, report=report, weights_path=path)
+            outcome = run_trial(cfg, spec, seed=cfg.seed + trial.number, report=report, weights_path=path, on_model=on_model)
         except Exception as err:
             trial.set_user_attr(ATTR_FAIL_REASON, f"{type(err).__name__}: {err}"[:500])
             progress.trial_finished(trial.number, "FAIL", None)
             raise
-        trial.set_user_attr(ATTR_NUM_PARAMETERS, outcome.num_parameters)
         if outcome.fit.stopped_early:
             progress.trial_finished(trial.number, "PRUNED", outcome.fit.final_val_acc)
             raise optuna.TrialPruned(f"stopped by the {cfg.search.pruner} pruner at epoch {outcome.fit.epochs_run}")

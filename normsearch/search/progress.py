@@ -45,6 +45,14 @@ class SearchProgress:
         self._best: Optional[float] = None
         self._t0 = time.monotonic()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray pickles its search algorithm (which holds this printer) into its experiment state;
+        # the terminal belongs to the driver, so a copy is a silent printer.
+        return {"n_trials": self._progress.tasks[0].total or 0, "epochs": self.epochs}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(int(state["n_trials"]), state["epochs"], enabled=False)
+
     def __enter__(self) -> "SearchProgress":
         self._progress.__enter__()
         return self
@@ -61,8 +69,8 @@ class SearchProgress:
 
     def epoch_done(self, number: int, r: Any) -> None:
         self._print(
-            f"[cyan]trial {number:3d}[/] epoch {r.epoch}/{self.epochs}  val_acc {100 * r.val_acc:5.2f}%  "
-            f"train_loss {r.train_loss:.3f}  {1000 * r.step_time_s:6.1f} ms/step  {r.images_per_s:7.0f} img/s"
+            f"[cyan]trial {number:3d}[/] epoch {r.epoch}/{self.epochs} val_acc {100 * r.val_acc:5.2f}% "
+            f"loss {r.train_loss:.3f} {1000 * r.step_time_s:.0f} ms/step {r.images_per_s:.0f} img/s"
         )
 
     def trial_finished(self, number: int, state: str, value: Optional[float]) -> None:

@@ -39,7 +39,6 @@ _NUMBER_KEY = "__trial_number"  # constant added to each Ray config by the defin
 def _import_ray():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file for a local cluster
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     try:
         import ray
         from ray import tune
@@ -57,6 +56,7 @@ def ray_trainable(config: dict[str, Any], run_config: dict[str, Any], space: Sea
     from ray import tune
 
     from ..config import RunConfig
+    from ..surgery import count_parameters
     from ..trial import run_trial
 
     cfg = RunConfig.model_validate(run_config)
@@ -70,22 +70,25 @@ def ray_trainable(config: dict[str, Any], run_config: dict[str, Any], space: Sea
     best = 0.0
     last: dict[str, Any] = {}
 
+    def on_model(model: Any) -> None:
+        last["num_parameters"] = count_parameters(model)
+
     def report(r: Any) -> None:
-        nonlocal best, last
+        nonlocal best
         best = max(best, r.val_acc)
-        last = {
+        last.update({
             METRIC: r.val_acc, "epoch": r.epoch, "epochs_total": cfg.train.epochs, "best_val_acc": best,
             "train_loss": r.train_loss, "step_time_s": r.step_time_s, "images_per_s": r.images_per_s,
-        }
+        })
         tune.report(dict(last))
 
     try:
-        outcome = run_trial(
-            cfg, spec, seed=cfg.seed + number, report=report, weights_path=weights_path(cfg.resolved_run_dir(), number)
+        run_trial(
+            cfg, spec, seed=cfg.seed + number, report=report, on_model=on_model,
+            weights_path=weights_path(cfg.resolved_run_dir(), number),
         )
-        tune.report(dict(last, num_parameters=outcome.num_parameters, finished=True))
     except Exception as err:  # recorded as FAIL by RecordingOptunaSearch
-        tune.report(dict(last or {METRIC: 0.0, "epoch": 0}, fail_reason=f"{type(err).__name__}: {err}"[:500]))
+        tune.report({METRIC: 0.0, "epoch": 0, **last, "fail_reason": f"{type(err).__name__}: {err}"[:500]})
 
 
 def _make_searcher_class():
@@ -118,10 +121,11 @@ def _make_searcher_class():
             return self._search_space.decode({k: v for k, v in config.items() if k != _NUMBER_KEY})
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if "fail_reason" in result or result.get("finished"):
-                return  # bookkeeping results, not an epoch
+            if "fail_reason" in result:
+                return  # the failure notice, not an epoch
             super().on_trial_result(trial_id, result)
             ot = self._ot_trials[trial_id]
+            ot.set_user_attr(ATTR_NUM_PARAMETERS, result["num_parameters"])
             set_attrs(ot, epoch_attrs(result["epoch"], result["step_time_s"], result["images_per_s"], result["best_val_acc"]))
             self._progress.epoch_done(ot.number, _Row(result))
 
@@ -134,9 +138,7 @@ def _make_searcher_class():
                 ot.set_user_attr(ATTR_FAIL_REASON, result.get("fail_reason", "the Ray trial errored (see the Ray logs)"))
                 self._ot_study.tell(ot, state=TrialState.FAIL)
                 self._progress.trial_finished(ot.number, "FAIL", None)
-            elif "num_parameters" in result or result.get("epoch", 0) >= self._epochs:
-                if "num_parameters" in result:
-                    ot.set_user_attr(ATTR_NUM_PARAMETERS, result["num_parameters"])
+            elif result.get("epoch", 0) >= self._epochs:
                 value = result.get(METRIC)
                 self._ot_study.tell(ot, value)
                 self._progress.trial_finished(ot.number, "COMPLETE", value)
@@ -147,6 +149,20 @@ def _make_searcher_class():
             self._completed_trials.add(trial_id)
 
     return RecordingOptunaSearch
+
+
+class _DefineByRun:
+    """Ray's define-by-run space: sample with Optuna, add the trial number as a constant.
+
+    A class rather than a closure because Ray pickles the searcher when it checkpoints.
+    """
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial: Any) -> dict:
+        self.space.suggest(trial)
+        return {_NUMBER_KEY: trial.number}
 
 
 class _Row:
@@ -180,13 +196,9 @@ def run_ray(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> Non
         else:
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
 
-    def define_by_run(trial: Any) -> dict:
-        space.suggest(trial)
-        return {_NUMBER_KEY: trial.number}
-
     searcher_cls = _make_searcher_class()
     searcher = searcher_cls(
-        space=define_by_run, metric=METRIC, mode="max", sampler=make_sampler(cfg), storage=storage,
+        space=_DefineByRun(space), metric=METRIC, mode="max", sampler=make_sampler(cfg), storage=storage,
         study_name=cfg.name, search_space=space, epochs=cfg.train.epochs, run_dir=run_dir, progress=progress,
     )
     if rc.scheduler == "asha":

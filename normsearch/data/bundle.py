@@ -1,0 +1,185 @@
+"""``load_data``: a dataset's train/validation/test splits as uint8 tensors, plus their statistics.
+
+The validation split is carved from the official training set by a seeded *stratified* split
+(every class contributes to validation in proportion to its size, within one image), so a search
+never looks at the test set; the test set is for final reports only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from normsearch.config import DataConfig
+from normsearch.data.datasets import get_dataset_info, read_raw
+
+
+@dataclass(frozen=True)
+class TensorSplit:
+    """Images and labels of one split, kept as compact uint8 tensors.
+
+    Attributes:
+        x: uint8 (N, C, H, W), pixel values 0..255, contiguous.
+        y: int64 (N,), labels in ``0 .. num_classes - 1``.
+
+    Raises:
+        TypeError: wrong dtypes.
+        ValueError: wrong ranks or N differing between ``x`` and ``y``.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.dtype != torch.uint8 or self.y.dtype != torch.int64:
+            raise TypeError(f"TensorSplit needs x uint8 and y int64, got {self.x.dtype} and {self.y.dtype}")
+        if self.x.dim() != 4 or self.y.dim() != 1 or len(self.x) != len(self.y):
+            raise ValueError(f"TensorSplit needs x (N, C, H, W) and y (N,), got {tuple(self.x.shape)} "
+                             f"and {tuple(self.y.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """Everything a trial needs from a dataset.
+
+    Attributes:
+        name: registry name of the dataset.
+        train: training split (after carving validation and the ``train_size`` subsample).
+        val: validation split, carved from the official training set (drives the search).
+        test: official test split (optionally subsampled); for final reports only.
+        num_classes: number of labels.
+        in_channels: image channels C.
+        image_size: (H, W) in pixels.
+        mean: per-channel mean of ``train`` pixels, in [0, 1] units (pixel / 255).
+        std: per-channel population standard deviation of ``train`` pixels, in [0, 1] units.
+    """
+
+    name: str
+    train: TensorSplit
+    val: TensorSplit
+    test: TensorSplit
+    num_classes: int
+    in_channels: int
+    image_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def stratified_order(y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation of ``range(len(y))`` whose every prefix is stratified by label.
+
+    Each example gets the key ``(rank within its class + 0.5) / class size``, ranks taken in a
+    random order; sorting by the key (ties in random order) interleaves the classes, so the first
+    ``n`` entries hold each class ``c`` about ``n * size_c / len(y)`` times (within one).
+
+    Args:
+        y: int64 (N,) labels (non-negative).
+        generator: CPU generator that makes the order reproducible.
+
+    Returns:
+        int64 (N,) permutation.
+    """
+    perm = torch.randperm(len(y), generator=generator)
+    yp = y[perm]
+    counts = torch.bincount(yp)
+    starts = torch.cumsum(counts, 0) - counts
+    by_class = torch.sort(yp, stable=True).indices
+    rank = torch.empty_like(yp)
+    rank[by_class] = torch.arange(len(yp)) - starts[yp[by_class]]
+    key = (rank.double() + 0.5) / counts[yp].double()
+    return perm[torch.sort(key, stable=True).indices]
+
+
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean and population std of uint8 images, in [0, 1] units.
+
+    Counts each pixel value per channel (``torch.bincount`` of the uint8 values), then takes the
+    moments of the 256-bin histogram in float64, so the result does not depend on summation order.
+
+    Args:
+        x: uint8 (N, C, H, W).
+
+    Returns:
+        ``(mean, std)``, each a tuple of C floats.
+    """
+    counts = torch.stack([torch.bincount(x[:, ch].flatten(), minlength=256) for ch in range(x.shape[1])])
+    counts = counts.double()  # (C, 256), exact: int64 counts < 2**53
+    levels = torch.arange(256, dtype=torch.float64) / 255.0
+    n = counts.sum(1)
+    mean = (counts * levels).sum(1) / n
+    var = (counts * (levels - mean[:, None]) ** 2).sum(1) / n
+    return tuple(mean.tolist()), tuple(var.sqrt().tolist())
+
+
+def _count(value: float, total: int, what: str) -> int:
+    """``value`` as a count of ``total`` images: a fraction if < 1, else an integral count."""
+    if value < 1:
+        n = max(1, round(value * total))
+    elif value != int(value):
+        raise ValueError(f"data.{what} must be a fraction < 1 or a whole count, got {value}")
+    else:
+        n = int(value)
+    if n >= total:
+        raise ValueError(f"data.{what}={value} leaves no training images (the training set has {total})")
+    return n
+
+
+def _take(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> TensorSplit:
+    idx = torch.sort(idx).values  # keep the on-disk order: reproducible and cache friendly
+    return TensorSplit(x[idx].contiguous(), y[idx].contiguous())
+
+
+def load_data(cfg: DataConfig) -> DataBundle:
+    """Load ``cfg.dataset`` and split it into train / validation / test.
+
+    The raw arrays are cached in-process per (dataset, root) (see :func:`read_raw`); the splits
+    are recomputed per call (a copy of the selected images, and the channel statistics).
+
+    Splitting (all seeded by ``cfg.split_seed``, identical across calls and machines):
+      * validation: the first ``val_size`` images of :func:`stratified_order` of the training set;
+      * train: the next ``train_size`` images of that order (all the rest if ``None``), so a
+        subsample is stratified too and never overlaps validation;
+      * test: the first ``test_size`` images of a stratified order of the test set (seed
+        ``split_seed + 1``), or the whole test set.
+    Each split keeps the on-disk order of its images.
+
+    Args:
+        cfg: data section of the run configuration.
+
+    Returns:
+        The :class:`DataBundle`; its tensors are on the CPU. Treat them as read-only.
+
+    Raises:
+        ValueError: unknown dataset, or sizes that do not fit the dataset.
+        DataError: files missing and not downloadable, or unreadable (one-line message).
+    """
+    info = get_dataset_info(cfg.dataset)
+    raw = read_raw(cfg.dataset, cfg.root, cfg.download)
+    n_train_all = len(raw.train_y)
+    n_val = _count(cfg.val_size, n_train_all, "val_size")
+    rest = n_train_all - n_val
+    if cfg.train_size is not None and cfg.train_size > rest:
+        raise ValueError(f"data.train_size={cfg.train_size} exceeds the {rest} training images left "
+                         f"after the validation split of {n_val}")
+    if cfg.test_size is not None and cfg.test_size > len(raw.test_y):
+        raise ValueError(f"data.test_size={cfg.test_size} exceeds the {len(raw.test_y)} test images")
+
+    order = stratified_order(raw.train_y, torch.Generator().manual_seed(cfg.split_seed))
+    n_train = rest if cfg.train_size is None else cfg.train_size
+    val = _take(raw.train_x, raw.train_y, order[:n_val])
+    train = _take(raw.train_x, raw.train_y, order[n_val:n_val + n_train])
+    if cfg.test_size is None:
+        test = TensorSplit(raw.test_x, raw.test_y)
+    else:
+        test_order = stratified_order(raw.test_y, torch.Generator().manual_seed(cfg.split_seed + 1))
+        test = _take(raw.test_x, raw.test_y, test_order[:cfg.test_size])
+    mean, std = channel_stats(train.x)
+    return DataBundle(name=info.name, train=train, val=val, test=test, num_classes=info.num_classes,
+                      in_channels=info.in_channels, image_size=info.image_size, mean=mean, std=std)
+
+
+__all__ = ["DataBundle", "TensorSplit", "channel_stats", "load_data", "stratified_order"]

@@ -1,0 +1,1 @@
+"""Search backends (Optuna, Ray Tune, ENAS) and the ENAS controller policy."""
