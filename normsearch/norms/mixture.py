@@ -1,2 +1,376 @@
-"""PLACEHOLDER: being written; replace whole file."""
-MixtureNorm2d = None
+"""Mixture Normalization (MixN): BatchNorm per component of a Gaussian mixture fitted to the batch.
+
+Kalayeh & Shah, "Training Faster by Separating Modes of Variation in Batch-normalized Models",
+TPAMI 2019, Sec. 3.2, Eq. 34-39. The paper abbreviates it "MN"; normsearch says MixtureNorm/MixN
+to keep it apart from ModeNorm.
+
+Readings of the garbled or underspecified text (also in the class docstring):
+
+* Eq. 34 scale factor: ``x_hat_i = sum_k nu_k(x_i) / sqrt(lambda_k) * x_hat_i^k``. The factor is
+  1/sqrt(lambda_k) (from the GMM Fisher vector, Eq. 33), and lambda_k is "obtained by averaging
+  the k-th column of nu" (Sec. 3.2, "Differentiability"), i.e. the mean posterior over all N*H*W
+  points of the batch, not the weight returned by EM on the subsample. With K = 1 it is 1.
+* Eq. 35-36 statistics: mean and *biased* variance weighted by nu_hat_k = nu_k / sum_j nu_k(x_j)
+  over all N*H*W points (``mu = nu_hat^T x``, ``sigma^2 = nu_hat^T x^2 - mu^2``); eps is added to
+  the variance, so K = 1 is exactly ``nn.BatchNorm2d`` in training.
+* Eq. 37 puts beta/gamma inside the statistics; we apply one per-channel affine after the sum,
+  as BatchNorm does ("one shared per-channel affine").
+* Eq. 38 writes the scale as 1/sqrt(tau^t lambda_k^t). Taken literally, T identical queued
+  mixtures would scale the output by sum_t sqrt(tau^t) ~ sqrt(T) compared with training. We keep
+  tau^t in the posterior over the T*K queued components and use 1/sqrt(lambda_k^t) as the scale,
+  so that inference equals Eq. 34 when the queue holds one mixture (tested). Eq. 38's
+  (x - mu_k^t) / sigma_k^t uses the per-component normalisation statistics of Eq. 35 stored for
+  that batch (plus eps), and p_k^t the fitted GMM (means, variances, weights) of that batch.
+* Eq. 39: tau^t proportional to zeta^age (age 0 = most recent), over the valid queue entries; its
+  normalising constant cancels in the posterior.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ._gmm import DEFAULT_REG_COVAR, GaussianMixtureParams, fit_gmm
+from ._registry import register_norm
+
+__all__ = ["MixtureNorm2d"]
+
+_MIN_FIT_POINTS = 64  # the subsample for the GMM fit never has fewer points (unless the batch has)
+
+# Pixels are held either channels-first, (N, C, L) (NCHW input), or channels-last, (N, L, C)
+# (channels_last input); ``cl`` says which. Posteriors then have shape (N, K, L) or (N, L, K). The
+# three products below keep every big tensor contiguous in the input's own layout.
+
+
+def _project(w: Tensor, x: Tensor, cl: bool) -> Tensor:
+    """``sum_c w[k, c] x[.., c, ..]``: (K, C) weights, pixels -> posterior layout."""
+    return x @ w.T if cl else torch.bmm(w.expand(x.shape[0], -1, -1), x)
+
+
+def _spread(s: Tensor, nu: Tensor, cl: bool) -> Tensor:
+    """``sum_k nu[.., k, ..] s[k, c]``: (K, C) per-component values, posteriors -> pixel layout."""
+    return nu @ s if cl else torch.bmm(s.T.expand(nu.shape[0], -1, -1), nu)
+
+
+def _moment(x: Tensor, nu: Tensor, cl: bool) -> Tensor:
+    """``sum_i nu_k(i) x_c(i)`` over all pixels: (K, C)."""
+    if cl:
+        return torch.bmm(nu.transpose(1, 2), x).sum(0)
+    return torch.bmm(x, nu.transpose(1, 2)).sum(0).T
+
+
+def _component_log_prob(x: Tensor, x_sq: Tensor, log_weights: Tensor, means: Tensor, variances: Tensor,
+                        cl: bool) -> Tensor:
+    """log(lambda_k N(x | mu_k, diag(sigma_k^2))) of every pixel, by two matrix products.
+
+    Args:
+        x: pixels (N, C, L) or (N, L, C), centred like ``means``.
+        x_sq: ``x ** 2`` (shared with the statistics, so computed once).
+        log_weights: (K,) log mixture weights (-inf for dropped components).
+        means: (K, C).
+        variances: (K, C), positive.
+        cl: channels-last layout.
+
+    Returns:
+        (N, K, L) or (N, L, K) weighted log-densities.
+    """
+    precisions = variances.reciprocal()
+    quad = _project(precisions, x_sq, cl) - _project(2.0 * means * precisions, x, cl)
+    channels = x_sq.shape[2 if cl else 1]
+    const = (means.square() * precisions).sum(1) + variances.log().sum(1) + channels * math.log(2 * math.pi)
+    shape = (1, 1, -1) if cl else (1, -1, 1)
+    return (log_weights - 0.5 * const).view(shape) - 0.5 * quad
+
+
+class _MixtureNormalize(torch.autograd.Function):
+    """Eq. 34-37 with constant posteriors and a hand-written backward (fewer passes than autograd).
+
+    Forward: ``E1 = nu^T x / mass``, ``var = max(nu^T x^2 / mass - E1^2, 0)``,
+    ``s = gamma / (sqrt(lambda) sqrt(var + eps))``, ``y = x * (nu @ s) - nu @ (s E1 - beta)``.
+    Backward with G = nu^T g, H = nu^T (x g) (per component and channel):
+    ``dE1 = (-s G - 2 E1 dvar) / mass``, ``dvar = -0.5 s (H - E1 G) / (var + eps)``,
+    ``dx = g (nu @ s) + nu @ dE1 + 2 x (nu @ (dvar / mass))``,
+    ``dgamma = sum_k (s/gamma) (H - E1 G)``, ``dbeta = sum_k G``. Checked against autograd in the tests.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_sq, nu, mass, weight, bias, eps, cl):
+        k_dim = 2 if cl else 1
+        mean = _moment(x, nu, cl) / mass.unsqueeze(1)  # (K, C)
+        pre_var = _moment(x_sq, nu, cl) / mass.unsqueeze(1) - mean.square()
+        var = pre_var.clamp_min(0)
+        points = nu.numel() // nu.shape[k_dim]
+        scale = torch.rsqrt(var + eps) * torch.rsqrt(mass / points).unsqueeze(1)  # 1/(sqrt(lam) sigma)
+        s = scale if weight is None else scale * weight
+        offset = s * mean if bias is None else s * mean - bias
+        y = torch.addcmul(_spread(-offset, nu, cl), x, _spread(s, nu, cl))
+        ctx.save_for_backward(x, nu, mass, weight, mean, scale, var, pre_var >= 0)
+        ctx.eps, ctx.cl = eps, cl
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, nu, mass, weight, mean, scale, var, unclamped = ctx.saved_tensors
+        cl = ctx.cl
+        g_sum = _moment(grad_y, nu, cl)  # G (K, C)
+        gx_sum = _moment(x * grad_y, nu, cl)  # H (K, C)
+        centred = gx_sum - mean * g_sum  # sum_i nu g (x - E1)
+        grad_weight = (scale * centred).sum(0) if weight is not None and ctx.needs_input_grad[4] else None
+        grad_bias = g_sum.sum(0) if ctx.needs_input_grad[5] else None
+        s = scale if weight is None else scale * weight
+        d_var = torch.where(unclamped, -0.5 * s * centred / (var + ctx.eps), torch.zeros_like(var))
+        d_e1 = (-s * g_sum - 2.0 * mean * d_var) / mass.unsqueeze(1)
+        coef = torch.cat([d_e1, 2.0 * d_var / mass.unsqueeze(1), s], 1)  # (K, 3C)
+        spread = _spread(coef, nu, cl)
+        p, q, b = spread.chunk(3, dim=2 if cl else 1)
+        grad_x = torch.addcmul(torch.addcmul(p, x, q), grad_y, b)
+        return grad_x, None, None, None, grad_weight, grad_bias, None, None
+
+
+@register_norm(
+    "mixturenorm",
+    summary="MixtureNorm (Kalayeh & Shah 2019): BN per component of a GMM fitted to each batch",
+    paper="Kalayeh & Shah, Training Faster by Separating Modes of Variation in Batch-normalized Models, TPAMI 2019",
+)
+class MixtureNorm2d(nn.Module):
+    """Mixture Normalization of 4-D activations (Kalayeh & Shah, TPAMI 2019, Sec. 3.2).
+
+    Training (Eq. 34-37): outside the autograd graph, a diagonal-covariance Gaussian mixture is
+    fitted to the C-dimensional pixel vectors of the batch (a random ``subsample`` fraction of the
+    N*H*W points, at least 64) by K-means++ seeding and ``em_iters`` EM iterations; components with
+    weight below ``min_weight`` are dropped. The posteriors nu_k(x_i) of all N*H*W points under
+    the fitted mixture are constants; with lambda_k = mean_i nu_k(x_i) and the nu-weighted mean and
+    biased variance of each component (these carry gradient, like BatchNorm's batch statistics)::
+
+        y_i = sum_k nu_k(x_i) / sqrt(lambda_k) * (x_i - mu_k) / sqrt(sigma_k^2 + eps)
+
+    followed by one per-channel affine ``weight * y + bias``. K = 1 equals ``nn.BatchNorm2d`` (and
+    runs torch's BatchNorm kernel). Note the 1/sqrt(lambda_k) factor of Eq. 34: with well separated
+    components the output has second moment ~K (the number of components kept), not 1. The
+    backward pass is hand-written (gradients stop at the posteriors, as in the paper; no double
+    backward). Training reads no tensor value on the host (no .item()); inference does once per call.
+    The paper's "EM iter." counts K-means and EM iterations together; here the seeds initialise the
+    mixture through one hard K-means assignment, followed by ``em_iters`` EM iterations.
+
+    Inference (Eq. 38-39): the fitted mixture and the normalisation statistics of the last
+    ``queue_size`` training batches are kept in a queue of buffers; a test pixel's posterior over
+    all queued components is proportional to ``decay**age * lambda_k^t * p_k^t(x)`` (age 0 = most
+    recent batch), and it is normalised with each component's stored statistics as in training.
+    Before any training step the layer standardises with mean 0 and variance 1.
+
+    Readings of the garbled equations: see the module docstring (the scale factor of Eq. 38 is
+    1/sqrt(lambda_k^t), not 1/sqrt(tau^t lambda_k^t); Eq. 37's affine is applied after the sum).
+
+    Statistics are computed in float32 (float64 for float64 input), also under float16/bfloat16
+    autocast; the output has the input's dtype and memory format. The GMM fit uses torch's global
+    RNG (deterministic under ``torch.manual_seed``).
+
+    Args:
+        num_features: channels C.
+        num_components: mixture components K >= 1 (paper: 3).
+        em_iters: EM iterations after the seeding, >= 0 (paper: 2).
+        queue_size: T, how many fitted mixtures inference combines (paper: 10).
+        decay: zeta in [0, 1], weight of a mixture one batch older (paper: 0.9).
+        subsample: fraction in (0, 1] of the N*H*W points used to fit the GMM (paper: >= 25%).
+        min_weight: components with a smaller mixture weight are dropped (paper: 0.01).
+        eps: added to each component variance.
+        affine: learn a per-channel scale ``weight`` and shift ``bias``.
+
+    Shape:
+        Input (N, C, H, W) -> output of the same shape.
+
+    Raises:
+        ValueError: a hyper-parameter out of range, or an input that is not (N, C, H, W) with
+            C = ``num_features``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_components: int = 3,
+        em_iters: int = 2,
+        queue_size: int = 10,
+        decay: float = 0.9,
+        subsample: float = 0.25,
+        min_weight: float = 0.01,
+        eps: float = 1e-5,
+        affine: bool = True,
+    ):
+        super().__init__()
+        for name, value, low in (("num_features", num_features, 1), ("num_components", num_components, 1),
+                                 ("em_iters", em_iters, 0), ("queue_size", queue_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"mixturenorm: {name} must be an integer >= {low}, got {value!r}")
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"mixturenorm: decay must be in [0, 1], got {decay!r}")
+        if not 0.0 < subsample <= 1.0:
+            raise ValueError(f"mixturenorm: subsample must be in (0, 1], got {subsample!r}")
+        if not 0.0 <= min_weight < 1.0:
+            raise ValueError(f"mixturenorm: min_weight must be in [0, 1), got {min_weight!r}")
+        if not eps > 0:
+            raise ValueError(f"mixturenorm: eps must be > 0, got {eps!r}")
+        self.num_features = num_features
+        self.num_components = num_components
+        self.em_iters = em_iters
+        self.queue_size = queue_size
+        self.decay = float(decay)
+        self.subsample = float(subsample)
+        self.min_weight = float(min_weight)
+        self.eps = float(eps)
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        shape_k, shape_kc = (queue_size, num_components), (queue_size, num_components, num_features)
+        # Fitted GMM of each queued batch (posteriors at inference) ...
+        self.register_buffer("queue_weights", torch.zeros(shape_k))
+        self.register_buffer("queue_means", torch.zeros(shape_kc))
+        self.register_buffer("queue_vars", torch.ones(shape_kc))
+        # ... and its Eq. 35 normalisation statistics (lambda_k = mean posterior, mean, biased var).
+        self.register_buffer("queue_norm_weights", torch.zeros(shape_k))
+        self.register_buffer("queue_norm_means", torch.zeros(shape_kc))
+        self.register_buffer("queue_norm_vars", torch.ones(shape_kc))
+        self.register_buffer("queue_valid", torch.zeros(queue_size, dtype=torch.bool))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next slot to write
+
+    def reset_running_stats(self) -> None:
+        """Empty the queue (inference falls back to mean 0 / variance 1 until the next training step)."""
+        for name in ("queue_weights", "queue_means", "queue_norm_weights", "queue_norm_means"):
+            getattr(self, name).zero_()
+        self.queue_vars.fill_(1.0)
+        self.queue_norm_vars.fill_(1.0)
+        self.queue_valid.zero_()
+        self.queue_ptr.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, num_components={self.num_components}, em_iters={self.em_iters}, "
+            f"queue_size={self.queue_size}, decay={self.decay}, subsample={self.subsample}, "
+            f"min_weight={self.min_weight}, eps={self.eps}, affine={self.affine}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"mixturenorm: expected input (N, {self.num_features}, H, W), got {tuple(x.shape)}"
+            )
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        n, c, h, w = x.shape
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.to(dtype)
+            if self.training and self.num_components == 1:
+                return self._batchnorm_train(xf).to(x.dtype)
+            cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            xs = xf.permute(0, 2, 3, 1).reshape(n, h * w, c) if cl else xf.reshape(n, c, h * w)
+            y = self._normalize_train(xs, cl) if self.training else self._normalize_eval(xs, cl)
+            y = y.reshape(n, h, w, c).permute(0, 3, 1, 2) if cl else y.reshape(n, c, h, w)
+        return y.to(x.dtype)
+
+    def fit_posteriors(self, x: Tensor, x_sq: Tensor, cl: bool = False) -> tuple[Tensor, GaussianMixtureParams]:
+        """Fit the batch GMM (no gradient) and return the posteriors of all pixels.
+
+        Args:
+            x: pixels (N, C, L), or (N, L, C) when ``cl``, centred by their per-channel batch mean.
+            x_sq: ``x ** 2``, same shape.
+            cl: channels-last layout.
+
+        Returns:
+            ``(nu, gmm)``: posteriors nu_k(x_i) of shape (N, K, L), or (N, L, K) when ``cl``, and
+            the fitted mixture (in the centred coordinates of ``x``; pruned components have weight 0).
+        """
+        n, c = x.shape[0], x.shape[2 if cl else 1]
+        length = x.shape[1 if cl else 2]
+        total = n * length
+        n_fit = min(total, max(math.ceil(self.subsample * total), _MIN_FIT_POINTS))
+        if n_fit < total:
+            idx = torch.randperm(total, device=x.device)[:n_fit]
+            points = x.reshape(total, c)[idx] if cl else x[idx // length, :, idx % length]
+        else:
+            points = x.reshape(total, c) if cl else x.transpose(1, 2).reshape(total, c)
+        gmm = fit_gmm(points, self.num_components, self.em_iters,
+                      reg_covar=DEFAULT_REG_COVAR, min_weight=self.min_weight)
+        log_prob = _component_log_prob(x, x_sq, gmm.weights.log(), gmm.means, gmm.variances, cl)
+        return torch.softmax(log_prob, dim=2 if cl else 1), gmm
+
+    def _mix(self, x: Tensor, nu: Tensor, scale: Tensor, means: Tensor, cl: bool) -> Tensor:
+        """Eq. 34 plus the affine: ``sum_k nu_k scale_k (x - mu_k) * weight + bias``.
+
+        Computed as ``x * B - D`` with ``B = nu @ (scale * weight)`` and
+        ``D = nu @ (scale * weight * mu - bias)``; folding the bias into D uses ``sum_k nu_k = 1``.
+        ``scale`` is (K, C) ``1 / (sqrt(lambda_k) sqrt(sigma_k^2 + eps))``; ``means`` (K, C) is in
+        the coordinates of ``x``.
+        """
+        offset = scale * means
+        if self.affine:
+            gamma = self.weight.to(x.dtype)
+            scale = scale * gamma
+            offset = offset * gamma - self.bias.to(x.dtype)
+        return torch.addcmul(_spread(-offset, nu, cl), x, _spread(scale, nu, cl))
+
+    def _batchnorm_train(self, x: Tensor) -> Tensor:
+        """K = 1 in training: the transform is exactly BatchNorm (nu = lambda = 1); use torch's kernel."""
+        weight = self.weight.to(x.dtype) if self.affine else None
+        bias = self.bias.to(x.dtype) if self.affine else None
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, self.eps)
+        with torch.no_grad():
+            var = (invstd.square().reciprocal() - self.eps).clamp_min(0).unsqueeze(0)
+            lam, mean = torch.ones(1, dtype=x.dtype, device=x.device), mean.unsqueeze(0)
+            self._push(GaussianMixtureParams(lam, mean, var + DEFAULT_REG_COVAR), lam, mean, var)
+        return y
+
+    def _normalize_train(self, xs: Tensor, cl: bool) -> Tensor:
+        with torch.no_grad():
+            shift = xs.mean((0, 1) if cl else (0, 2))
+        # Centring only conditions the float math (the output does not depend on it); the
+        # statistics carry gradient (inside _MixtureNormalize), the posteriors do not.
+        x = xs - (shift if cl else shift.unsqueeze(1))
+        with torch.no_grad():
+            x_sq = x.square()
+            nu, gmm = self.fit_posteriors(x, x_sq, cl)
+            mass = nu.sum((0, 1) if cl else (0, 2)).clamp_min(torch.finfo(x.dtype).tiny)  # (K,)
+        weight = self.weight.to(x.dtype) if self.affine else None
+        bias = self.bias.to(x.dtype) if self.affine else None
+        y, means, var = _MixtureNormalize.apply(x, x_sq, nu, mass, weight, bias, self.eps, cl)
+        with torch.no_grad():
+            lam = mass / (nu.numel() // self.num_components)
+            self._push(gmm._replace(means=gmm.means + shift), lam, means + shift, var)
+        return y
+
+    @torch.no_grad()
+    def _push(self, gmm: GaussianMixtureParams, lam: Tensor, means: Tensor, var: Tensor) -> None:
+        """Write one batch's mixture and statistics (input coordinates) into the next queue slot."""
+        slot = self.queue_ptr.view(1)
+        for buf, value in ((self.queue_weights, gmm.weights), (self.queue_means, gmm.means),
+                           (self.queue_vars, gmm.variances), (self.queue_norm_weights, lam),
+                           (self.queue_norm_means, means), (self.queue_norm_vars, var)):
+            buf.index_copy_(0, slot, value.unsqueeze(0).to(buf.dtype))
+        self.queue_valid.index_fill_(0, slot, True)
+        self.queue_ptr.copy_((self.queue_ptr + 1) % self.queue_size)
+
+    def _normalize_eval(self, xs: Tensor, cl: bool) -> Tensor:
+        dtype = xs.dtype
+        if not bool(self.queue_valid.any()):  # nothing fitted yet: mean 0, variance 1
+            scale = torch.full((1, self.num_features), (1.0 + self.eps) ** -0.5, dtype=dtype, device=xs.device)
+            nu = xs.new_ones((xs.shape[0], xs.shape[1], 1) if cl else (xs.shape[0], 1, xs.shape[2]))
+            return self._mix(xs, nu, scale, torch.zeros_like(scale), cl)
+        size = self.queue_size
+        age = (self.queue_ptr - 1 - torch.arange(size, device=xs.device)) % size
+        tau = torch.pow(torch.tensor(self.decay, device=xs.device, dtype=dtype), age.to(dtype))  # Eq. 39
+        log_tau = torch.where(self.queue_valid, tau.log(), torch.full_like(tau, -math.inf))
+        log_w = (self.queue_weights.to(dtype).log() + log_tau.unsqueeze(1)).flatten()  # (T*K,)
+        norm_means = self.queue_norm_means.to(dtype).flatten(0, 1)
+        shift = torch.softmax(log_w, 0) @ norm_means  # a constant centre for the float math
+        x = xs - (shift if cl else shift.unsqueeze(1))
+        log_prob = _component_log_prob(x, x.square(), log_w, self.queue_means.to(dtype).flatten(0, 1) - shift,
+                                       self.queue_vars.to(dtype).flatten(0, 1), cl)
+        nu = torch.softmax(log_prob, dim=2 if cl else 1)  # posterior over the T*K queued components
+        lam = self.queue_norm_weights.to(dtype).flatten().clamp_min(torch.finfo(dtype).tiny)
+        scale = torch.rsqrt(self.queue_norm_vars.to(dtype).flatten(0, 1) + self.eps) * torch.rsqrt(lam).unsqueeze(1)
+        return self._mix(x, nu, scale, norm_means - shift, cl)

@@ -106,6 +106,7 @@ def _make_searcher_class():
             self._run_dir = run_dir
             self._progress = progress
             self._started: set[str] = set()
+            self._recorded: dict[str, int] = {}  # trial id -> last epoch written to the study
 
         def suggest(self, trial_id: str) -> Optional[dict]:
             config = super().suggest(trial_id)
@@ -121,8 +122,9 @@ def _make_searcher_class():
             return self._search_space.decode({k: v for k, v in config.items() if k != _NUMBER_KEY})
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if "fail_reason" in result:
-                return  # the failure notice, not an epoch
+            if "fail_reason" in result or result.get("epoch", 0) <= self._recorded.get(trial_id, 0):
+                return  # the failure notice, or an epoch already recorded
+            self._recorded[trial_id] = result["epoch"]
             super().on_trial_result(trial_id, result)
             ot = self._ot_trials[trial_id]
             ot.set_user_attr(ATTR_NUM_PARAMETERS, result["num_parameters"])
@@ -134,6 +136,9 @@ def _make_searcher_class():
                 return
             ot = self._ot_trials[trial_id]
             result = result or {}
+            # Ray skips the searcher's on_trial_result for the result on which the scheduler
+            # stops a trial (ASHA does at max_t too): record that last epoch now.
+            self.on_trial_result(trial_id, result)
             if error or "fail_reason" in result:
                 ot.set_user_attr(ATTR_FAIL_REASON, result.get("fail_reason", "the Ray trial errored (see the Ray logs)"))
                 self._ot_study.tell(ot, state=TrialState.FAIL)

@@ -1,0 +1,255 @@
+"""Batched diagonal-covariance Gaussian mixtures in pure tensor code: K-means++ seeding and EM.
+
+Used by :class:`~normsearch.norms.mixture.MixtureNorm2d` to fit a mixture to the C-dimensional
+pixel vectors of a mini-batch (Kalayeh & Shah, "Training Faster by Separating Modes of Variation
+in Batch-normalized Models", TPAMI 2019, Sec. 3.2: K-means++ seeding, then a few EM iterations,
+then components with weight < 0.01 are discarded).
+
+The formulas mirror scikit-learn's ``GaussianMixture(covariance_type="diag")`` so that one step
+can be compared exactly: ``reg_covar`` is added to every variance in the M-step, ``nk`` gets
+``10 * eps`` added, and K-means++ uses ``2 + floor(log K)`` local trials per centre
+(``sklearn.cluster.kmeans_plusplus``). Everything works on any device and in any floating dtype;
+there are no per-point Python loops (only loops over the K seeding steps and the EM iterations)
+and no read of tensor values on the host (no ``.item()``).
+
+Notation: M points, C features, K components.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GaussianMixtureParams",
+    "e_step",
+    "estimate_log_prob",
+    "fit_gmm",
+    "kmeans_pp_init",
+    "m_step",
+    "prune_components",
+]
+
+DEFAULT_REG_COVAR = 1e-6
+
+
+class GaussianMixtureParams(NamedTuple):
+    """Parameters of a diagonal-covariance Gaussian mixture.
+
+    Attributes:
+        weights: (K,) mixture weights lambda_k, summing to 1; pruned components have weight 0.
+        means: (K, C) component means mu_k.
+        variances: (K, C) diagonal covariances sigma_k^2 (``reg_covar`` already included).
+    """
+
+    weights: Tensor
+    means: Tensor
+    variances: Tensor
+
+
+def _check_points(x: Tensor) -> None:
+    if x.dim() != 2 or x.shape[0] < 1:
+        raise ValueError(f"points must have shape (M, C) with M >= 1, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"points must be a floating tensor, got {x.dtype}")
+
+
+def _sq_dist(a: Tensor, b: Tensor) -> Tensor:
+    """(P, C), (M, C) -> (P, M) squared Euclidean distances, exactly 0 between equal rows."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").square()
+
+
+def kmeans_pp_init(x: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Greedy K-means++ seeding (Arthur & Vassilvitskii 2007), as ``sklearn.cluster.kmeans_plusplus``.
+
+    The first centre is a uniformly drawn point; each further centre is the best (lowest potential)
+    of ``2 + floor(log k)`` candidates drawn with probability proportional to the squared distance
+    to the nearest centre so far. A point at distance 0 from a chosen centre is never drawn, so the
+    centres are distinct points whenever ``x`` has at least ``k`` distinct rows; otherwise the
+    remaining centres repeat a data point (their components end up empty in EM).
+
+    Args:
+        x: (M, C) points.
+        k: number of centres K >= 1.
+        generator: random generator on ``x.device``; ``None`` uses torch's global RNG.
+
+    Returns:
+        ``(centers, indices)``: (K, C) rows of ``x`` and their (K,) int64 row indices.
+
+    Raises:
+        ValueError: ``x`` is not (M, C) with M >= 1, or ``k < 1``.
+        TypeError: ``x`` is not floating point.
+    """
+    _check_points(x)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    m = x.shape[0]
+    n_trials = 2 + int(math.log(k))
+    first = torch.randint(m, (1,), device=x.device, generator=generator)
+    indices = [first]
+    closest = _sq_dist(x[first], x)[0]  # (M,) squared distance to the nearest centre
+    for _ in range(1, k):
+        cumulative = torch.cumsum(closest, 0)
+        # Drawn in float32 whatever x's dtype, so float32 and float64 runs see the same numbers.
+        draws = torch.rand(n_trials, device=x.device, generator=generator).to(x.dtype) * cumulative[-1]
+        # side="right": the first index whose cumulative sum exceeds the draw has distance > 0.
+        candidates = torch.searchsorted(cumulative, draws, right=True).clamp_(max=m - 1)
+        dist = _sq_dist(x[candidates], x)  # (trials, M)
+        dist = torch.minimum(dist, closest.unsqueeze(0))
+        best = dist.sum(1).argmin()
+        closest = dist[best]
+        indices.append(candidates[best].view(1))
+    idx = torch.cat(indices)
+    return x[idx], idx
+
+
+def _moments(x: Tensor) -> Tensor:
+    """(M, C) -> (M, 2C) ``[x, x**2]``: one matrix product then serves the E-step and the M-step."""
+    return torch.cat([x, x.square()], 1)
+
+
+def _log_prob_from_moments(moments: Tensor, means: Tensor, variances: Tensor) -> Tensor:
+    precisions = variances.reciprocal()
+    coef = torch.cat([-2.0 * means * precisions, precisions], 1)  # (K, 2C)
+    const = (means.square() * precisions).sum(1) + variances.log().sum(1) + means.shape[1] * math.log(2 * math.pi)
+    return -0.5 * (moments @ coef.T + const)
+
+
+def _e_step_from_moments(moments: Tensor, weights: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor]:
+    weighted = _log_prob_from_moments(moments, means, variances) + weights.log()
+    log_norm = torch.logsumexp(weighted, dim=1, keepdim=True)
+    return weighted - log_norm, log_norm.mean()
+
+
+def _m_step_from_moments(moments: Tensor, resp: Tensor, reg_covar: float) -> GaussianMixtureParams:
+    c = moments.shape[1] // 2
+    nk = resp.sum(0) + 10 * torch.finfo(resp.dtype).eps
+    sums = (resp.T @ moments) / nk.unsqueeze(1)  # (K, 2C): weighted E[x], E[x^2]
+    means = sums[:, :c]
+    variances = (sums[:, c:] - means.square()).clamp_min(0) + reg_covar
+    return GaussianMixtureParams(nk / nk.sum(), means, variances)
+
+
+def estimate_log_prob(x: Tensor, means: Tensor, variances: Tensor) -> Tensor:
+    """Per-component Gaussian log-density log N(x_i | mu_k, diag(sigma_k^2)).
+
+    Evaluated with one matrix product, as scikit-learn does:
+    ``sum(mu^2 p) - 2 x (mu p)^T + x^2 p^T`` with precisions ``p = 1 / sigma^2``. Centre ``x``
+    (e.g. subtract the batch mean from points and means) when its offset is large compared with
+    its spread, to limit cancellation in float32.
+
+    Args:
+        x: (M, C) points.
+        means: (K, C).
+        variances: (K, C), positive.
+
+    Returns:
+        (M, K) log-densities.
+    """
+    return _log_prob_from_moments(_moments(x), means, variances)
+
+
+def e_step(x: Tensor, weights: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor]:
+    """E-step: log posteriors (responsibilities) by log-sum-exp, and the mean log-likelihood.
+
+    Components with weight 0 get log-responsibility -inf (posterior 0).
+
+    Args:
+        x: (M, C) points.
+        weights: (K,) mixture weights.
+        means: (K, C).
+        variances: (K, C).
+
+    Returns:
+        ``(log_resp, mean_log_likelihood)``: (M, K) log nu_k(x_i) and the scalar
+        ``mean_i log p(x_i)`` (scikit-learn's ``log_prob_norm``).
+    """
+    return _e_step_from_moments(_moments(x), weights, means, variances)
+
+
+def m_step(x: Tensor, resp: Tensor, reg_covar: float = DEFAULT_REG_COVAR) -> GaussianMixtureParams:
+    """M-step for diagonal covariances, scikit-learn's formulas.
+
+    ``nk = sum_i resp_ik + 10 eps``, ``mu_k = resp^T x / nk``,
+    ``sigma_k^2 = max(resp^T x^2 / nk - mu_k^2, 0) + reg_covar``, ``lambda_k = nk / sum(nk)``.
+    The clamp at 0 only guards against float rounding (scikit-learn has none). A component with no
+    mass gets mean 0, variance ``reg_covar`` and weight ~0.
+
+    Args:
+        x: (M, C) points.
+        resp: (M, K) responsibilities (rows sum to 1), not their logarithm.
+        reg_covar: variance floor added to every variance.
+
+    Returns:
+        the updated :class:`GaussianMixtureParams`.
+    """
+    return _m_step_from_moments(_moments(x), resp, reg_covar)
+
+
+def prune_components(params: GaussianMixtureParams, min_weight: float) -> GaussianMixtureParams:
+    """Drop components whose weight is below ``min_weight`` and renormalise the others.
+
+    Kalayeh & Shah (TPAMI 2019, Sec. 5) discard components with lambda_k < 0.01 and merge their
+    samples into the remaining ones; setting the weight to exactly 0 does that in the next E-step
+    (posterior 0, the other posteriors renormalised). The heaviest component is always kept.
+
+    Args:
+        params: mixture with (K,) weights.
+        min_weight: threshold; 0 keeps every component with positive weight.
+
+    Returns:
+        the mixture with pruned weights set to 0 (means and variances unchanged).
+    """
+    w = params.weights
+    keep = (w >= min_weight) & (w > 0)
+    keep = keep | (torch.arange(w.shape[0], device=w.device) == w.argmax())
+    w = torch.where(keep, w, torch.zeros_like(w))
+    return params._replace(weights=w / w.sum())
+
+
+def fit_gmm(
+    x: Tensor,
+    k: int,
+    iters: int,
+    *,
+    reg_covar: float = DEFAULT_REG_COVAR,
+    min_weight: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> GaussianMixtureParams:
+    """Fit a K-component diagonal GMM: K-means++ seeding, hard assignment, ``iters`` EM steps, pruning.
+
+    The seeds initialise the mixture through one M-step on the hard assignment of every point to
+    its nearest seed (one K-means assignment); each EM iteration is an E-step then an M-step.
+    Components that receive no point (duplicate seeds when ``x`` has fewer than K distinct rows)
+    get weight ~0 and are pruned when ``min_weight > 0``.
+
+    Args:
+        x: (M, C) points.
+        k: number of components K >= 1.
+        iters: EM iterations >= 0.
+        reg_covar: variance floor (scikit-learn's default 1e-6).
+        min_weight: components with a smaller weight are dropped at the end (paper: 0.01).
+        generator: random generator for the seeding; ``None`` uses torch's global RNG.
+
+    Returns:
+        the fitted :class:`GaussianMixtureParams` (weights (K,), means (K, C), variances (K, C)).
+
+    Raises:
+        ValueError: bad shapes, ``k < 1`` or ``iters < 0``.
+        TypeError: ``x`` is not floating point.
+    """
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    centers, _ = kmeans_pp_init(x, k, generator=generator)
+    moments = _moments(x)
+    # nearest seed: argmin_k |c_k|^2 - 2 x.c_k (|x|^2 is the same for every k)
+    nearest = (centers.square().sum(1) - 2.0 * (x @ centers.T)).argmin(1)
+    one_hot = (nearest.unsqueeze(1) == torch.arange(k, device=x.device)).to(x.dtype)  # no host sync
+    params = _m_step_from_moments(moments, one_hot, reg_covar)
+    for _ in range(iters):
+        log_resp, _ = _e_step_from_moments(moments, *params)
+        params = _m_step_from_moments(moments, log_resp.exp(), reg_covar)
+    return prune_components(params, min_weight)
