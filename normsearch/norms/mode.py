@@ -1,3 +1,403 @@
-"""PLACEHOLDER: being written; replace whole file."""
-ModeNorm2d = None
-ModeGroupNorm2d = None
+"""Mode Normalization (MN) and Mode Group Normalization (MGN).
+
+Source: L. Deecke, I. Murray, H. Bilen, "Mode Normalization", ICLR 2019 -- Alg. 1 (MN, training),
+Alg. 2 (MN, test), Eq. 2-4, Alg. 3 and Eq. 5 (MGN).
+
+Both layers normalize every sample with K sets of estimators and mix the K normalized copies with
+soft gates. Written naively that costs K full passes over the activation; here it costs one.
+Because the gates and estimators are per (sample, channel) constants,
+
+    sum_k g_k (x - mu_k) / s_k  =  x * A - B,   A = sum_k g_k / s_k,   B = sum_k g_k mu_k / s_k,
+
+so the layer reduces the input once to per-(sample, channel) moments, does all mode arithmetic on
+those small tensors (vectorised over K, no Python loop), and finishes with one fused
+``x * scale + shift`` pass, like BatchNorm's own normalize step.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._registry import register_norm
+
+__all__ = ["ModeNorm2d", "ModeGroupNorm2d"]
+
+_PAPER = "Deecke, Murray, Bilen. Mode Normalization. ICLR 2019"
+# Floor for a mode's gate mass N_k before dividing by it: a mode whose gates all underflow must give
+# finite estimators and gradients (its weight in the output is ~0 anyway).
+_MIN_MASS = 1e-8
+# A mode whose gates carry the weight of fewer than this many values does not update its running
+# statistics: Bessel's factor m / (m - 1) exceeds 2 there and diverges as m -> 1.
+_MIN_RUNNING_COUNT = 2.0
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """Dtype the statistics are computed in: float32 for float16/bfloat16 input, else the input's."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _var_mean_is_fast(x: Tensor) -> bool:
+    """Whether ``torch.var_mean`` beats two passes on ``x``'s device (CUDA: yes; CPU: ~10x slower)."""
+    return x.is_cuda
+
+
+class _SpatialMoments(torch.autograd.Function):
+    """Per-(sample, channel) biased variance and mean over H, W, with a one-pass backward.
+
+    ``torch.var_mean`` over (H, W) is a slow Welford loop on CPU and its autograd backward makes
+    several full-size temporaries; this computes the same two (N, C) tensors (float32 for
+    float16/bfloat16 input) by two passes on CPU and ``var_mean`` on CUDA, and returns
+    ``d/dx = (grad_mean + 2 * grad_var * (x - mean)) / (H * W)`` as one fused ``x * p + q`` pass.
+    The backward is built from differentiable ops, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        dtype = _stat_dtype(x)
+        if _var_mean_is_fast(x):
+            var, mean = torch.var_mean(x.to(dtype), dim=(2, 3), correction=0)
+        else:
+            mean = x.mean(dim=(2, 3), dtype=dtype)
+            var = (x - mean[:, :, None, None]).square_().mean(dim=(2, 3))
+        ctx.save_for_backward(x, mean)
+        return var, mean
+
+    @staticmethod
+    def backward(ctx, grad_var: Tensor, grad_mean: Tensor) -> Tensor:  # type: ignore[override]
+        x, mean = ctx.saved_tensors
+        p = grad_var * (2.0 / (x.size(2) * x.size(3)))
+        q = grad_mean / (x.size(2) * x.size(3)) - p * mean
+        return torch.addcmul(q[:, :, None, None], x, p[:, :, None, None]).to(x.dtype)
+
+
+class _ScaleShift(torch.autograd.Function):
+    """``x * scale + shift`` with per-(sample, channel) ``scale``, ``shift`` of shape (N, C).
+
+    Same values as ``torch.addcmul``, computed in ``x``'s dtype and memory format, but with a lean
+    backward (``addcmul``'s autograd formula costs about twice as much on CPU): ``go * scale``,
+    ``sum_hw(go * x)`` and ``sum_hw(go)``, the two sums accumulated in ``scale``'s dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, scale)
+        s, b = scale.to(x.dtype)[:, :, None, None], shift.to(x.dtype)[:, :, None, None]
+        return torch.addcmul(b, x, s)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, scale = ctx.saved_tensors
+        need_x, need_scale, need_shift = ctx.needs_input_grad
+        grad_x = grad * scale.to(grad.dtype)[:, :, None, None] if need_x else None
+        grad_scale = torch.sum(grad * x, dim=(2, 3), dtype=scale.dtype) if need_scale else None
+        grad_shift = torch.sum(grad, dim=(2, 3), dtype=scale.dtype) if need_shift else None
+        return grad_x, grad_scale, grad_shift
+
+
+def _autocast_off(x: Tensor):
+    """Context that disables autocast on ``x``'s device so the small statistics stay in float."""
+    try:
+        enabled = torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4 takes no device argument
+        enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    return torch.autocast(x.device.type, enabled=False) if enabled else nullcontext()
+
+
+def _check_positive_int(value: object, what: str, layer: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{layer}: {what} must be a positive int, got {value!r}")
+
+
+class _ModeMixtureBase(nn.Module):
+    """Shared parts of MN and MGN: argument checks, the per-channel affine and the fused output.
+
+    Subclasses define the gating network Psi as ``self.gate`` (an ``nn.Linear``).
+
+    Args:
+        num_features: channels C.
+        num_components: modes K.
+        eps: added to every mode's variance.
+        affine: learn one per-channel scale ``weight`` and shift ``bias`` shared by all modes (the
+            paper's footnote 3: per-mode affines did not help).
+    """
+
+    def __init__(self, num_features: int, num_components: int, eps: float, affine: bool):
+        super().__init__()
+        name = type(self).__name__
+        _check_positive_int(num_features, "num_features", name)
+        _check_positive_int(num_components, "num_components", name)
+        if not eps > 0:
+            raise ValueError(f"{name}: eps must be > 0, got {eps!r}")
+        self.num_features = num_features
+        self.num_components = num_components
+        self.eps = float(eps)
+        self.affine = bool(affine)
+        if self.affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def _check_input(self, x: Tensor) -> None:
+        name = type(self).__name__
+        if x.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        if x.size(1) != self.num_features:
+            raise ValueError(
+                f"{name}: expected {self.num_features} channels, got input of shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point input, got {x.dtype}")
+
+    def _mix_and_affine(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """Return ``weight * (x * a - b) + bias`` in one elementwise pass, in ``x``'s dtype.
+
+        Args:
+            x: input (N, C, H, W), any memory format (the output keeps it).
+            a: (N, C) sum over modes of gate / std.
+            b: (N, C) sum over modes of gate * mean / std.
+        """
+        if self.affine:
+            w = self.weight.to(a.dtype)
+            scale, shift = w * a, self.bias.to(a.dtype) - w * b
+        else:
+            scale, shift = a, -b
+        return _ScaleShift.apply(x, scale, shift)
+
+    def _gate_logits(self, inputs: Tensor) -> Tensor:
+        """Apply the gate Psi (``self.gate``, an ``nn.Linear``) in the statistics' dtype."""
+        return F.linear(inputs, self.gate.weight.to(inputs.dtype), self.gate.bias.to(inputs.dtype))
+
+
+@register_norm(
+    "modenorm",
+    summary="Mode Normalization (Deecke et al. 2019): K gated BatchNorm modes, one shared affine",
+    paper=_PAPER,
+)
+class ModeNorm2d(_ModeMixtureBase):
+    r"""Mode Normalization: BatchNorm with K soft modes chosen per sample by a gating network.
+
+    Training (Alg. 1; Eq. 2-3). For a batch ``x`` (N, C, H, W):
+
+    * gates ``g[n, k] = softmax_k(Psi(mean_{H,W} x_n))`` with ``Psi = self.gate = nn.Linear(C, K)``
+      (the paper: "we average over W and H, and parametrize the gating functions via an affine
+      transformation Psi: C -> R^K of the channels ... followed by a softmax");
+    * per mode k and channel c, gate-weighted estimators over (N, H, W) with mass
+      ``N_k = sum_n g[n, k]``: ``mu_k = sum_n g[n, k] mean_hw(x_n) / N_k`` (Eq. 3) and
+      ``var_k = sum_n g[n, k] mean_hw((x_n - mu_k)^2) / N_k``, which is Alg. 1's
+      ``<x^2>_k - <x>_k^2`` computed stably, by the law of total variance, from the per-sample
+      spatial means and variances (never negative; clamped at 0 all the same);
+    * ``y_n = weight * sum_k g[n, k] (x_n - mu_k) / sqrt(var_k + eps) + bias`` (Eq. 2), one
+      per-channel affine shared by all modes.
+
+    Test (Alg. 2): the gates are computed the same way and every mode normalizes with its running
+    estimators. With K = 1 the gate is identically 1 and the layer equals ``nn.BatchNorm2d`` in
+    training and evaluation. The gate keeps ``nn.Linear``'s default initialization (the paper gives
+    none). Cost: one reduction and one ``x * scale + shift`` pass over the input, whatever K.
+
+    Running estimators -- where this differs from the paper. Alg. 2 keeps running averages of the
+    moments ``<x>_k`` and ``<x^2>_k`` and forms ``sigma_k^2 = <x^2>_k - <x>_k^2`` from them. That can
+    never equal BatchNorm, whose running variance is an average of the *unbiased* batch variance.
+    So that K = 1 is exactly BatchNorm, this layer keeps per-mode running means and running
+    unbiased variances ``var_k * m / (m - 1)``, where ``m = N_k * H * W`` is the mode's effective
+    number of values (exactly BatchNorm's ``n / (n - 1)`` when K = 1). A mode whose gates carry the
+    weight of fewer than two values in a batch (``m < 2``, e.g. a mode no sample chose) does not
+    update its running statistics in that batch; ``num_batches_tracked`` counts batches, not
+    per-mode updates.
+
+    Momentum. Eq. 4 updates a running estimate with a memory parameter lambda in (0, 1]; the garbled
+    text does not show which term carries lambda, and the paper uses lambda = 0.1 throughout,
+    PyTorch's BatchNorm default. We read lambda as the weight of the new batch estimate, i.e. the
+    PyTorch convention: ``running = (1 - momentum) * running + momentum * batch``.
+    ``momentum=None`` gives the cumulative average over batches, as in ``nn.BatchNorm2d``.
+
+    Precision. The moments, gates and estimators are computed in float32 for float16/bfloat16
+    input (autocast is switched off inside the layer); running statistics stay in their buffers'
+    dtype (float32 unless the module itself is cast); the output has the input's dtype and memory
+    format (channels_last input gives channels_last output).
+
+    Args:
+        num_features: channels C.
+        num_components: modes K (the paper uses K = 2 for single-task, 2-6 for multi-task data).
+        eps: added to every mode's variance. Default 1e-5.
+        momentum: weight of the new batch statistic in the running estimates (PyTorch convention;
+            the paper's lambda), in [0, 1], or None for a cumulative average. Default 0.1.
+        affine: learn the per-channel ``weight`` and ``bias``. Default True.
+
+    Shape:
+        Input: (N, C, H, W). Output: (N, C, H, W), same dtype and memory format.
+        Buffers: ``running_mean`` and ``running_var`` (K, C), ``num_batches_tracked`` ().
+
+    Raises:
+        ValueError: non-positive ``num_features``/``num_components``/``eps``, ``momentum`` outside
+            [0, 1], or (in ``forward``) an input that is not (N, C, H, W) with C = num_features.
+        TypeError: (in ``forward``) a non-floating-point input.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_components: int = 2,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+    ):
+        super().__init__(num_features, num_components, eps, affine)
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"ModeNorm2d: momentum must be in [0, 1] or None, got {momentum!r}")
+        self.momentum = momentum
+        self.gate = nn.Linear(num_features, num_components)
+        self.register_buffer("running_mean", torch.zeros(num_components, num_features))
+        self.register_buffer("running_var", torch.ones(num_components, num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def reset_running_stats(self) -> None:
+        """Running means to 0, running variances to 1, batch counter to 0."""
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` (N, C, H, W) with batch (training) or running (eval) mode estimators."""
+        self._check_input(x)
+        with _autocast_off(x):
+            if self.training:
+                var_n, mean_n = _SpatialMoments.apply(x)  # (N, C) each
+            else:
+                mean_n = x.mean(dim=(2, 3), dtype=_stat_dtype(x))
+            gates = torch.softmax(self._gate_logits(mean_n), dim=1)  # (N, K)
+            if self.training:
+                mu, var, mass = self._batch_estimators(gates, mean_n, var_n)
+                self._update_running(mu, var, mass, x.size(2) * x.size(3))
+            else:
+                mu = self.running_mean.to(mean_n.dtype)
+                var = self.running_var.to(mean_n.dtype)
+            inv_std = torch.rsqrt(var + self.eps)  # (K, C)
+            a = gates @ inv_std  # (N, C)
+            b = gates @ (mu * inv_std)
+            return self._mix_and_affine(x, a, b)
+
+    @staticmethod
+    def _batch_estimators(
+        gates: Tensor, mean_n: Tensor, var_n: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Gate-weighted per-mode mean and biased variance (Eq. 3 and Alg. 1).
+
+        Args:
+            gates: (N, K) soft assignments, rows sum to 1.
+            mean_n: (N, C) per-sample spatial means.
+            var_n: (N, C) per-sample spatial biased variances.
+
+        Returns:
+            ``(mu, var, mass)``: (K, C) means, (K, C) variances over (N, H, W), (K,) masses N_k.
+        """
+        mass = gates.sum(dim=0)  # (K,)
+        denom = mass.clamp_min(_MIN_MASS).unsqueeze(1)  # (K, 1)
+        mu = gates.t() @ mean_n / denom  # (K, C)
+        spread = var_n.unsqueeze(1) + (mean_n.unsqueeze(1) - mu.unsqueeze(0)).square()  # (N, K, C)
+        var = (gates.unsqueeze(2) * spread).sum(dim=0) / denom
+        return mu, var.clamp_min(0.0), mass
+
+    @torch.no_grad()
+    def _update_running(self, mu: Tensor, var: Tensor, mass: Tensor, spatial: int) -> None:
+        """Blend the batch estimators into the running ones (Eq. 4, PyTorch momentum convention).
+
+        Args:
+            mu: (K, C) batch means.
+            var: (K, C) biased batch variances.
+            mass: (K,) gate masses N_k.
+            spatial: H * W.
+        """
+        self.num_batches_tracked.add_(1)
+        factor = (
+            1.0 / float(self.num_batches_tracked) if self.momentum is None else float(self.momentum)
+        )
+        count = mass * spatial  # effective number of values per mode
+        bessel = count / (count - 1.0).clamp_min(1.0)
+        weight = (count >= _MIN_RUNNING_COUNT).to(mu.dtype).mul_(factor).unsqueeze(1)  # (K, 1)
+        buf = self.running_mean.dtype
+        self.running_mean.lerp_(mu.to(buf), weight.to(buf))
+        self.running_var.lerp_((var * bessel.unsqueeze(1)).to(buf), weight.to(buf))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}"
+        )
+
+
+@register_norm(
+    "modegroupnorm",
+    summary="Mode Group Normalization (Deecke et al. 2019): per-sample, channels gated into K modes",
+    paper=_PAPER,
+)
+class ModeGroupNorm2d(_ModeMixtureBase):
+    r"""Mode Group Normalization: GroupNorm whose K channel groups are soft and learned.
+
+    Per sample, no batch statistics, so training and evaluation compute the same thing (Alg. 3,
+    Eq. 5). For one sample ``x`` (C, H, W) with channel means ``p_c = mean_hw x_c``:
+
+    * channel gates ``g[c, k] = softmax_k(Psi(p_c))`` with ``Psi = self.gate = nn.Linear(1, K)``, a
+      learned per-mode scale and shift of the scalar ``p_c`` (Alg. 3's "Psi: R -> R^K");
+    * per-mode estimators over channels and space with channel mass ``C_k = sum_c g[c, k]``:
+      ``mu_k = sum_c g[c, k] p_c / C_k`` (the paper's ``<x>_k``) and
+      ``var_k = sum_c g[c, k] mean_hw((x_c - mu_k)^2) / C_k``;
+    * ``y_c = weight_c * sum_k g[c, k] (x_c - mu_k) / sqrt(var_k + eps) + bias_c`` (Eq. 5).
+
+    Reading of the garbled text: Sec. 3.3 says that "after average-pooling over width and height,
+    estimators are computed by averaging over channel values x_c". We gate on the pooled ``p_c``
+    and take the mean from it (the same number either way), but the second moment ``<x^2>_k`` from
+    all C x H x W values, not from the pooled ``p_c^2``: MGN extends GroupNorm, whose estimators
+    run over the group's channels *and* space; the pooled reading would ignore all spatial
+    variation (a variance of channel means) and K = 1 would not be GroupNorm. With this reading
+    K = 1 equals ``nn.GroupNorm(1, C)`` (LayerNorm over C, H, W with a per-channel affine).
+
+    Computed with the same one-pass form as :class:`ModeNorm2d`; statistics in float32 for
+    float16/bfloat16 input, output in the input's dtype and memory format.
+
+    Args:
+        num_features: channels C.
+        num_components: modes K (the paper sets K = 2, matching GroupNorm with two groups).
+        eps: added to every mode's variance. Default 1e-5.
+        affine: learn the per-channel ``weight`` and ``bias``. Default True.
+
+    Shape:
+        Input: (N, C, H, W). Output: (N, C, H, W), same dtype and memory format.
+
+    Raises:
+        ValueError: non-positive ``num_features``/``num_components``/``eps``, or (in ``forward``) an
+            input that is not (N, C, H, W) with C = num_features.
+        TypeError: (in ``forward``) a non-floating-point input.
+    """
+
+    def __init__(
+        self, num_features: int, num_components: int = 2, eps: float = 1e-5, affine: bool = True
+    ):
+        super().__init__(num_features, num_components, eps, affine)
+        self.gate = nn.Linear(1, num_components)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize every sample of ``x`` (N, C, H, W) with its own gated channel modes."""
+        self._check_input(x)
+        with _autocast_off(x):
+            var_c, mean_c = _SpatialMoments.apply(x)  # (N, C) each
+            gates = torch.softmax(self._gate_logits(mean_c.unsqueeze(2)), dim=2)  # (N, C, K)
+            mass = gates.sum(dim=1).clamp_min(_MIN_MASS)  # (N, K)
+            mu = torch.einsum("nck,nc->nk", gates, mean_c) / mass  # (N, K)
+            spread = var_c.unsqueeze(2) + (mean_c.unsqueeze(2) - mu.unsqueeze(1)).square()
+            var = ((gates * spread).sum(dim=1) / mass).clamp_min(0.0)  # (N, K)
+            inv_std = torch.rsqrt(var + self.eps)
+            a = torch.bmm(gates, inv_std.unsqueeze(2)).squeeze(2)  # (N, C)
+            b = torch.bmm(gates, (mu * inv_std).unsqueeze(2)).squeeze(2)
+            return self._mix_and_affine(x, a, b)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
+            f"affine={self.affine}"
+        )

@@ -1,0 +1,472 @@
+"""Train and evaluate one model: :class:`Trainer` with a per-epoch ``report`` callback.
+
+The trainer knows nothing about search engines: Optuna pruning and Ray Tune reporting are both
+plain callbacks that receive an :class:`EpochReport` and return ``True`` to stop the trial. This
+module imports neither ``optuna`` nor ``ray``.
+
+A loader is any re-iterable with ``len()`` that yields ``(x, y)`` batches, ``x`` float
+``(N, C, H, W)`` and ``y`` int64 ``(N,)`` (ideally already on the trainer's device).
+
+Fast path: SGD with ``zero_grad(set_to_none=True)``, optional channels_last memory format and bf16
+autocast, and no per-step host synchronization on accelerators (losses and correct counts are
+accumulated as tensors and read once per epoch; divergence is checked every step on CPU, where
+reading a scalar is free, and on the first steps plus every ``_ACCEL_CHECK_EVERY`` steps
+elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import ScheduleConfig, TrainConfig
+from .norms.standardization import StandardizationLossTap
+
+__all__ = [
+    "TIMING_WARMUP_STEPS", "EpochLRFactor", "EpochReport", "FitResult", "Trainer", "TrialDiverged",
+    "resolve_device", "set_seed",
+]
+
+#: Steps at the start of each ``fit`` excluded from ``step_time_s``/``images_per_s`` (allocator,
+#: kernel selection and caches warm up).
+TIMING_WARMUP_STEPS = 2
+# On accelerators, read the divergence flag on the first steps and then every this many steps.
+_ACCEL_EARLY_CHECKS = 3
+_ACCEL_CHECK_EVERY = 50
+# Warm-up starts at this fraction of the base learning rate (ScheduleConfig.warmup_epochs).
+_WARMUP_START_FACTOR = 0.1
+
+ReportFn = Callable[["EpochReport"], Optional[bool]]
+
+
+class TrialDiverged(RuntimeError):
+    """The training (or validation) loss became NaN or infinite.
+
+    Args:
+        message: one-line description naming the epoch and step.
+        epoch: 1-based epoch in which divergence was detected.
+        step: 1-based optimizer step within that epoch at (or, on accelerators, by) which the
+            loss was non-finite; ``None`` when detected in validation.
+    """
+
+    def __init__(self, message: str, *, epoch: Optional[int] = None, step: Optional[int] = None):
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """What the trainer knows after one epoch (passed to the ``report`` callback).
+
+    Attributes:
+        epoch: 1-based epoch number.
+        val_acc: validation accuracy, fraction in [0, 1].
+        val_loss: mean validation cross-entropy per image.
+        train_loss: mean training cross-entropy per image this epoch (without the
+            standardization-loss term).
+        train_acc: training accuracy this epoch (train mode, on the fly), fraction in [0, 1].
+        lr: learning rate used during this epoch.
+        step_time_s: mean seconds per optimizer step this epoch (first steps of the run excluded
+            as warm-up; data fetching included).
+        images_per_s: training images per second this epoch (same steps as ``step_time_s``).
+        elapsed_s: seconds since ``fit`` started, evaluation included.
+    """
+
+    epoch: int
+    val_acc: float
+    val_loss: float
+    train_loss: float
+    train_acc: float
+    lr: float
+    step_time_s: float
+    images_per_s: float
+    elapsed_s: float
+
+
+@dataclass
+class FitResult:
+    """Outcome of :meth:`Trainer.fit`.
+
+    Attributes:
+        best_val_acc: highest validation accuracy over the epochs run.
+        final_val_acc: validation accuracy after the last epoch run.
+        epochs_run: number of epochs trained.
+        stopped_early: ``True`` when the ``report`` callback asked to stop.
+        history: one :class:`EpochReport` per epoch run.
+        step_time_s: mean seconds per optimizer step over the whole run (warm-up excluded).
+        images_per_s: training images per second over the whole run (warm-up excluded).
+        train_time_s: seconds spent in training steps (warm-up included, evaluation excluded).
+        num_parameters: number of model parameters (all ``model.parameters()`` elements).
+    """
+
+    best_val_acc: float
+    final_val_acc: float
+    epochs_run: int
+    stopped_early: bool
+    history: list[EpochReport] = field(default_factory=list)
+    step_time_s: float = float("nan")
+    images_per_s: float = float("nan")
+    train_time_s: float = 0.0
+    num_parameters: int = 0
+
+
+def resolve_device(spec: Union[str, torch.device]) -> torch.device:
+    """Turn a device setting into a ``torch.device``.
+
+    Args:
+        spec: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:i"``, or a
+            ``torch.device``.
+
+    Returns:
+        The device.
+
+    Raises:
+        ValueError: the string is not a device, or CUDA (or that CUDA index) is unavailable.
+    """
+    if isinstance(spec, str) and spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: cannot parse {spec!r} (use auto, cpu, cuda or cuda:i)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {spec!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device: {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's ``random``, NumPy and torch (all devices).
+
+    Args:
+        seed: the seed.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class EpochLRFactor:
+    """Learning-rate multiplier per epoch, for ``torch.optim.lr_scheduler.LambdaLR``.
+
+    With ``e`` the 0-based epoch index (``LambdaLR``'s ``last_epoch``), ``w`` the warm-up epochs
+    and ``E`` the epoch budget, the factor is ``warm(e) * main(e)``: ``warm(e) = 0.1 + 0.9 * e / w``
+    for ``e < w`` (linear from lr/10) and 1 afterwards; ``main`` is ``gamma ** #{m in milestones :
+    m <= e}`` (``step``, the ``MultiStepLR`` convention: milestone 2 lowers the rate from the
+    third epoch on), ``0.5 * (1 + cos(pi * (e - w) / (E - w)))`` for ``e >= w`` (``cosine``, the
+    ``CosineAnnealingLR`` curve over the epochs after warm-up) or 1 (``constant``).
+    A class instead of a lambda so the scheduler pickles.
+
+    Args:
+        schedule: the schedule settings.
+        epochs: the epoch budget ``E``.
+    """
+
+    def __init__(self, schedule: ScheduleConfig, epochs: int):
+        self.kind = schedule.kind
+        self.milestones = sorted(schedule.milestones)
+        self.gamma = schedule.gamma
+        self.warmup_epochs = schedule.warmup_epochs
+        self.epochs = epochs
+
+    def __call__(self, epoch: int) -> float:
+        w = self.warmup_epochs
+        start = _WARMUP_START_FACTOR
+        warm = start + (1 - start) * epoch / w if epoch < w else 1.0
+        if self.kind == "step":
+            main = self.gamma ** bisect_right(self.milestones, epoch)
+        elif self.kind == "cosine" and epoch >= w and self.epochs > w:
+            main = 0.5 * (1.0 + math.cos(math.pi * (epoch - w) / (self.epochs - w)))
+        else:
+            main = 1.0
+        return warm * main
+
+
+def _cycle(loader: Iterable) -> Iterator:
+    """Yield batches forever, starting a new pass of ``loader`` (new shuffle) when one ends."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("train_loader yielded no batches")
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued work on ``device`` so the host clock measures it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy in at least float32 (bf16/fp16 logits from autocast are promoted)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, y, reduction=reduction)
+
+
+def _has_conv2d(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+class Trainer:
+    """SGD training with per-epoch validation, LR schedule, reporting and divergence detection.
+
+    Args:
+        model: the network; moved to the device (and memory format) in place.
+        cfg: training settings (:class:`normsearch.config.TrainConfig`).
+        std_loss_layers: ``named_modules()`` labels whose outputs get the standardization loss
+            (Collins, Balle, Shlens, "Accelerating Training of Deep Neural Networks with a
+            Standardization Loss", Sec. 3, Eq. 2); empty = none.
+        std_loss_weight: weight of the summed standardization loss added to the cross-entropy
+            (training only). Ignored when ``std_loss_layers`` is empty.
+        device: overrides ``cfg.device`` (a string as in :func:`resolve_device` or a device).
+
+    Attributes:
+        device: the resolved device.
+        channels_last: whether the model and inputs use ``torch.channels_last``.
+        amp: whether bf16 autocast is on.
+
+    Raises:
+        ValueError: negative ``std_loss_weight``, or a bad device.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        *,
+        std_loss_layers: Sequence[str] = (),
+        std_loss_weight: float = 0.0,
+        device: Union[str, torch.device, None] = None,
+    ):
+        if std_loss_weight < 0 or not math.isfinite(std_loss_weight):
+            raise ValueError(f"std_loss_weight must be finite and >= 0, got {std_loss_weight}")
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device if device is None else device)
+        self.std_loss_layers = tuple(std_loss_layers)
+        self.std_loss_weight = float(std_loss_weight)
+        self.amp = self.device.type == "cuda" if cfg.amp == "auto" else bool(cfg.amp)
+        if cfg.channels_last == "auto":
+            fast = self.device.type == "cpu" or (self.device.type == "cuda" and self.amp)
+            self.channels_last = fast and _has_conv2d(model)
+        else:
+            self.channels_last = bool(cfg.channels_last)
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def _prepare(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def _use_std_loss(self) -> bool:
+        return bool(self.std_loss_layers) and self.std_loss_weight > 0
+
+    def _make_optimizer(self) -> torch.optim.SGD:
+        o = self.cfg.optimizer
+        return torch.optim.SGD(
+            self.model.parameters(),
+            lr=o.lr,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            nesterov=o.nesterov,
+        )
+
+    def evaluate(self, loader: Iterable) -> tuple[float, float]:
+        """Accuracy and mean cross-entropy of the model on ``loader`` (eval mode, no grad).
+
+        Args:
+            loader: batches ``(x, y)``; x ``(N, C, H, W)`` float, y ``(N,)`` int64.
+
+        Returns:
+            ``(accuracy, loss)``: fraction correct in [0, 1] and mean cross-entropy per image.
+
+        Raises:
+            ValueError: the loader yielded no images.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        try:
+            with torch.no_grad():
+                for x, y in loader:
+                    x, y = self._prepare(x, y)
+                    with self._autocast():
+                        logits = self.model(x)
+                    loss_sum += _cross_entropy(logits, y, reduction="sum")
+                    correct += (logits.argmax(dim=1) == y).sum()
+                    count += y.shape[0]
+        finally:
+            self.model.train(was_training)
+        if count == 0:
+            raise ValueError("evaluate: loader yielded no images")
+        return correct.item() / count, loss_sum.item() / count
+
+    def fit(
+        self, train_loader: Any, val_loader: Iterable, report: Optional[ReportFn] = None
+    ) -> FitResult:
+        """Train for ``cfg.epochs`` epochs, validating and reporting after each.
+
+        Each epoch takes ``min(cfg.steps_per_epoch, len(train_loader))`` batches (one full pass
+        when ``steps_per_epoch`` is ``None``) from an endless cycle over ``train_loader``, so a
+        capped epoch continues where the previous one stopped. Seeds with ``cfg.seed`` first.
+
+        Args:
+            train_loader: re-iterable of ``(x, y)`` batches with ``len()``.
+            val_loader: re-iterable of ``(x, y)`` batches.
+            report: called with each :class:`EpochReport`; returning ``True`` stops training
+                after that epoch (a pruner or scheduler decision).
+
+        Returns:
+            The :class:`FitResult`.
+
+        Raises:
+            TrialDiverged: the training or validation loss became NaN or infinite.
+            ValueError: the train loader is empty.
+        """
+        cfg = self.cfg
+        set_seed(cfg.seed)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        if len(train_loader) == 0:
+            raise ValueError("train_loader is empty")
+        steps = min(cfg.steps_per_epoch or len(train_loader), len(train_loader))
+        optimizer = self._make_optimizer()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, EpochLRFactor(cfg.schedule, cfg.epochs)
+        )
+        batches = _cycle(train_loader)
+        num_parameters = sum(p.numel() for p in self.model.parameters())
+        result = FitResult(0.0, 0.0, 0, False, num_parameters=num_parameters)
+        epoch_stats: list[_EpochStats] = []
+        start = time.perf_counter()
+        tap = None
+        if self._use_std_loss():
+            tap = StandardizationLossTap(self.model, self.std_loss_layers)
+        with tap if tap is not None else contextlib.nullcontext():
+            for epoch in range(1, cfg.epochs + 1):
+                lr = optimizer.param_groups[0]["lr"]
+                stats = self._train_epoch(epoch, steps, batches, optimizer, tap)
+                scheduler.step()
+                epoch_stats.append(stats)
+                val_acc, val_loss = self.evaluate(val_loader)
+                if not math.isfinite(val_loss):
+                    msg = f"non-finite validation loss after epoch {epoch}"
+                    raise TrialDiverged(msg, epoch=epoch)
+                r = EpochReport(
+                    epoch=epoch,
+                    val_acc=val_acc,
+                    val_loss=val_loss,
+                    train_loss=stats.loss,
+                    train_acc=stats.acc,
+                    lr=lr,
+                    step_time_s=stats.timed_s / stats.timed_steps,
+                    images_per_s=stats.timed_images / stats.timed_s,
+                    elapsed_s=time.perf_counter() - start,
+                )
+                result.history.append(r)
+                result.epochs_run = epoch
+                if report is not None and report(r):
+                    result.stopped_early = True
+                    break
+        timed_s = sum(s.timed_s for s in epoch_stats)
+        result.best_val_acc = max(h.val_acc for h in result.history)
+        result.final_val_acc = result.history[-1].val_acc
+        result.step_time_s = timed_s / sum(s.timed_steps for s in epoch_stats)
+        result.images_per_s = sum(s.timed_images for s in epoch_stats) / timed_s
+        result.train_time_s = sum(s.total_s for s in epoch_stats)
+        return result
+
+    def _train_epoch(
+        self, epoch: int, steps: int, batches: Iterator, optimizer: torch.optim.Optimizer, tap: Any
+    ) -> "_EpochStats":
+        """Run ``steps`` optimizer steps; return the epoch's loss, accuracy and timings."""
+        model, device = self.model, self.device
+        model.train()
+        if tap is not None:
+            tap.pop()  # discard anything collected outside training steps
+        first = epoch == 1
+        check_every = 1 if device.type == "cpu" else _ACCEL_CHECK_EVERY
+        warmup = min(TIMING_WARMUP_STEPS, steps - 1) if first else 0
+        ce_sum, std_sum = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        images = timed_images = 0
+        t_begin = t_timed = time.perf_counter()
+        for step in range(1, steps + 1):
+            if step == warmup + 1 and warmup > 0:
+                _sync(device)
+                t_timed = time.perf_counter()
+            x, y = self._prepare(*next(batches))
+            with self._autocast():
+                logits = model(x)
+                ce = _cross_entropy(logits, y)
+            loss = ce
+            if tap is not None:
+                std = tap.pop()
+                loss = ce + self.std_loss_weight * std
+                std_sum.add_(std.detach())
+            n = y.shape[0]
+            ce_sum.add_(ce.detach(), alpha=n)
+            correct.add_((logits.detach().argmax(dim=1) == y).sum())
+            images += n
+            timed_images += n if step > warmup else 0
+            exact = check_every == 1 or (first and step <= _ACCEL_EARLY_CHECKS)
+            if exact or step % check_every == 0 or step == steps:
+                if not bool(torch.isfinite(ce_sum + std_sum)):
+                    raise TrialDiverged(
+                        f"non-finite training loss in epoch {epoch} {'at' if exact else 'by'} "
+                        f"step {step} of {steps}",
+                        epoch=epoch,
+                        step=step,
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+            optimizer.step()
+        _sync(device)
+        t_end = time.perf_counter()
+        return _EpochStats(
+            loss=ce_sum.item() / images,
+            acc=correct.item() / images,
+            timed_s=t_end - t_timed,
+            timed_steps=steps - warmup,
+            timed_images=timed_images,
+            total_s=t_end - t_begin,
+        )
+
+
+@dataclass(frozen=True)
+class _EpochStats:
+    """One epoch's training numbers (seconds, images) for :class:`EpochReport`/`FitResult`."""
+
+    loss: float
+    acc: float
+    timed_s: float
+    timed_steps: int
+    timed_images: int
+    total_s: float
