@@ -1,4 +1,4 @@
-"""Command line: ``normsearch run | export | dashboard | list-norms``. Thin: each command calls the library.
+"""Command line: ``normsearch run | export | report | dashboard | list-norms``. Thin: each command calls the library.
 
 Errors a user can fix (bad config, missing data, not a run directory) print one line
 ``normsearch: error: ...`` and exit with status 2; no traceback.
@@ -36,13 +36,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["storage"] = args.storage
     if overrides:
         cfg = cfg.model_copy(update=overrides)
-    search = {k: v for k, v in (("n_trials", args.n_trials), ("backend", args.backend)) if v is not None}
+    search = {
+        k: v
+        for k, v in (("n_trials", args.n_trials), ("backend", args.backend), ("max_failures", args.max_failures))
+        if v is not None
+    }
     if search:
         cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update=search)})
         cfg = type(cfg).model_validate(cfg.model_dump())  # re-validate overridden values
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by our progress lines
     summary = run(cfg, progress=not args.quiet)
     print_summary(summary, Console())
+    finished = summary.states.get("COMPLETE", 0) + summary.states.get("PRUNED", 0)
+    if finished < cfg.search.n_trials and cfg.search.timeout_s is None:
+        failed = summary.states.get("FAIL", 0)
+        print(
+            f"normsearch: error: the study stopped with {finished} of {cfg.search.n_trials} trials finished "
+            f"({failed} failed; their fail_reason is in the dashboard); fix the cause and re-run to resume",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -50,6 +63,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
     for path in export_run(Path(args.run_dir), args.trial, Path(args.out) if args.out else None):
+        print(path)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    for path in write_report(Path(args.run_dir)):
         print(path)
     return 0
 
@@ -93,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--storage", help="override the Optuna storage URL (any SQLAlchemy URL)")
     r.add_argument("--n-trials", type=int, help="override search.n_trials")
     r.add_argument("--backend", choices=["optuna", "ray", "enas"], help="override search.backend")
+    r.add_argument("--max-failures", type=int, help="override search.max_failures (failed trials before the study stops)")
     r.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     r.set_defaults(func=_cmd_run)
     e = sub.add_parser("export", help="write best_model.py and best_spec.yaml for a run's best trial")
@@ -100,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trial", type=int, help="export this trial number instead of the best")
     e.add_argument("--out", help="output directory (default: RUN_DIR)")
     e.set_defaults(func=_cmd_export)
+    rp = sub.add_parser("report", help="write figures and an HTML/Markdown report into RUN_DIR/report")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=_cmd_report)
     d = sub.add_parser("dashboard", help="serve optuna-dashboard on a run's study")
     d.add_argument("run_dir")
     d.add_argument("--host", default="127.0.0.1")

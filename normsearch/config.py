@@ -307,6 +307,46 @@ class RayConfig(_Strict):
     reduction_factor: float = Field(3.0, gt=1)
 
 
+class EnasConfig(_Strict):
+    """ENAS settings for ``backend: enas`` (Pham et al., *Efficient Neural Architecture Search via
+    Parameter Sharing*, ICML 2018): shared-weight supernet + LSTM controller trained by REINFORCE.
+
+    Each supernet epoch trains the shared weights on the training set (one freshly sampled child
+    per batch), then the controller for ``controller_steps_per_epoch`` updates. After the last
+    epoch (or once ``search.timeout_s`` seconds have passed: no new epoch starts after it) the
+    controller's children are scored and the best ``top_k_retrain`` are trained from scratch as
+    ordinary trials of the study. See ``normsearch.search.enas``.
+
+    Attributes:
+        epochs: supernet epochs (``None`` = ``train.epochs``).
+        controller_steps_per_epoch: controller updates per epoch (0 = uniform sampling, i.e.
+            random search with weight sharing).
+        controller_batch: children sampled (and rewarded) per controller update.
+        recalibration_batches: training batches that re-estimate a child's running statistics
+            before it is evaluated (shared statistics mix all children).
+        num_final_samples: children sampled from the trained controller and scored on the whole
+            validation set (the greedy child is always added).
+        top_k_retrain: best-scored children retrained from scratch (``None`` = ``search.n_trials``).
+        hidden_size, tanh_constant, temperature, entropy_weight, baseline_decay: controller and
+            REINFORCE settings (``normsearch.search.controller.ControllerConfig``).
+        lr: controller Adam learning rate; default 1e-3 as in the ENAS authors' macro-search
+            script (fewer controller updates per epoch here than the paper's 3.5e-4 assumes).
+    """
+
+    epochs: Optional[int] = Field(None, ge=1)
+    controller_steps_per_epoch: int = Field(20, ge=0)
+    controller_batch: int = Field(5, ge=1)
+    recalibration_batches: int = Field(2, ge=1)
+    num_final_samples: int = Field(10, ge=0)
+    top_k_retrain: Optional[int] = Field(None, ge=1)
+    hidden_size: int = Field(64, ge=1)
+    tanh_constant: Optional[float] = Field(1.5, gt=0)
+    temperature: Optional[float] = Field(None, gt=0)
+    entropy_weight: float = Field(1e-4, ge=0)
+    baseline_decay: float = Field(0.99, ge=0, lt=1)
+    lr: float = Field(1e-3, gt=0)
+
+
 class SearchConfig(_Strict):
     """How the space is searched.
 
@@ -319,6 +359,7 @@ class SearchConfig(_Strict):
         sampler_seed: seed of the sampler (``None`` = the run seed).
         max_failures: stop the study after this many failed trials.
         ray: Ray Tune settings.
+        enas: ENAS settings.
     """
 
     backend: Literal["optuna", "ray", "enas"] = "optuna"
@@ -328,7 +369,16 @@ class SearchConfig(_Strict):
     pruner: Literal["median", "hyperband", "none"] = "median"
     sampler_seed: Optional[int] = None
     max_failures: int = Field(5, ge=1)
+    objectives: list[Literal["val_acc", "step_time_s", "num_parameters"]] = ["val_acc"]
     ray: RayConfig = RayConfig()
+    enas: EnasConfig = EnasConfig()
+
+    @field_validator("objectives")
+    @classmethod
+    def _accuracy_first(cls, v: list[str]) -> list[str]:
+        if not v or v[0] != "val_acc" or len(v) > 2 or len(set(v)) != len(v):
+            raise ValueError(f"objectives must be [val_acc] or [val_acc, step_time_s|num_parameters], got {v}")
+        return v
 
 
 class FinalConfig(_Strict):

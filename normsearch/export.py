@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial
 
 from .norms import get_norm_entry
 from .spec import ModelSpec
+from .study import val_acc_of
 
 
 def attribute_path(label: str) -> str:
@@ -99,7 +100,7 @@ def spec_yaml(model_name: str, in_channels: int, num_classes: int, spec: ModelSp
     """YAML with the model, data shape, spec and (if given) the trial's number and value."""
     doc: dict[str, Any] = {"model": model_name, "in_channels": in_channels, "num_classes": num_classes}
     if trial is not None:
-        doc |= {"trial": trial.number, "val_acc": trial.value}
+        doc |= {"trial": trial.number, "val_acc": val_acc_of(trial)}
     doc |= spec.to_dict()
     return yaml.safe_dump(doc, sort_keys=False)
 
@@ -151,7 +152,7 @@ def export_run(run_dir: Path, trial_number: Optional[int] = None, out_dir: Optio
     slots = find_norm_slots(create_model(cfg.model.name, in_channels=in_ch, num_classes=n_cls, **cfg.model.kwargs))
     header = safe_header(
         f"Best normalizers found by normsearch for {cfg.model.name} on {cfg.data.dataset}.\n\n"
-        f"Study {cfg.name!r}, trial {trial.number}, validation accuracy {trial.value}."
+        f"Study {cfg.name!r}, trial {trial.number}, validation accuracy {val_acc_of(trial)}."
     )
     out = Path(out_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from .study import (
     load_study,
     ranked_trials,
     states_count,
+    val_acc_of,
 )
 from .trial import evaluate_weights, model_slots
 
@@ -54,6 +55,10 @@ def prepare(cfg: RunConfig) -> SearchSpace:
     """
     slots = model_slots(cfg)
     space = SearchSpace.from_config(cfg.space, slots, cfg.model.name)
+    if cfg.search.backend == "enas":  # ENAS needs discrete options (no float ranges): check now
+        from .search.enas_space import EnasSpace
+
+        EnasSpace(space, cfg.space)
     saved = cfg.resolved_run_dir() / "config.yaml"
     if saved.exists():
         old = yaml.safe_load(saved.read_text()) or {}
@@ -103,7 +108,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunSummary:
     summary = RunSummary(run_dir, cfg.resolved_storage(), states_count(study.get_trials(deepcopy=False)), 0.0)
     for t in ranked_trials(study, cfg.final.top_k):
         summary.best.append(
-            {"number": t.number, "val_acc": t.value, "num_parameters": t.user_attrs.get(ATTR_NUM_PARAMETERS),
+            {"number": t.number, "val_acc": val_acc_of(t), "num_parameters": t.user_attrs.get(ATTR_NUM_PARAMETERS),
              "layers": t.user_attrs.get(ATTR_LAYERS, {}), "weights": t.user_attrs.get(ATTR_WEIGHTS)}
         )
     if cfg.final.evaluate_test and summary.best and summary.best[0]["weights"]:

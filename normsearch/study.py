@@ -12,12 +12,16 @@ Every trial, whichever backend ran it, carries:
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from .config import RunConfig
 from .spec import ModelSpec
@@ -33,9 +37,14 @@ ATTR_BEST_VAL = "best_val_acc"
 ATTR_STOPPED_BY = "stopped_by"
 ATTR_FAIL_REASON = "fail_reason"
 ATTR_WEIGHTS = "weights_path"
+ATTR_WORKER = "worker"
+ATTR_VAL_CURVE = "val_acc_per_epoch"  # multi-objective studies, where Optuna keeps no intermediate values
+ATTR_RETRY_OF = "retry_of"
+INTERRUPTED = "interrupted"  # prefix of the fail_reason of trials cut off by a kill or Ctrl-C
 
 METRIC = "val_acc"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+_SCHEMA_TRIES = 5  # open_storage: tries while another worker creates the tables
 
 
 def spec_attrs(spec: ModelSpec, backend: str) -> dict[str, Any]:
@@ -90,11 +99,101 @@ def make_pruner(cfg: RunConfig) -> optuna.pruners.BasePruner:
 
 
 def open_storage(cfg: RunConfig) -> optuna.storages.RDBStorage:
-    """The run's RDB storage (sqlite file in the run directory unless ``storage`` names a URL)."""
+    """The run's RDB storage (sqlite file in the run directory unless ``storage`` names a URL).
+
+    Trials send a heartbeat every 10 s; one silent for 60 s (its worker died on another host)
+    is failed by the next worker that starts a trial, and :func:`recover_interrupted` retries it.
+    Workers started together on an empty database race to create Optuna's tables; the loser's
+    ``CREATE TABLE`` fails (PostgreSQL: unique violation on ``pg_type``) and is retried, by which
+    time the winner has committed them.
+    """
     url = cfg.resolved_storage()
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for attempt in range(_SCHEMA_TRIES):
+            try:
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs={} if url.startswith("sqlite") else {"pool_pre_ping": True},
+                    heartbeat_interval=10,
+                    grace_period=60,
+                )
+            except (IntegrityError, ProgrammingError):
+                if attempt == _SCHEMA_TRIES - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, recorded on every trial it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead_local_worker(worker: str) -> bool:
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def recover_interrupted(study: optuna.Study) -> list[int]:
+    """Make a study whose worker was killed (SIGKILL, Ctrl-C, a crashed host) whole again.
+
+    1. RUNNING trials whose worker process on this host no longer exists are marked FAIL with
+       ``fail_reason = "interrupted: ..."`` (trials of live workers, here or elsewhere, are left
+       alone; remote dead workers are caught by the storage heartbeat).
+    2. Every interrupted trial not yet retried is enqueued again with the same params and
+       ``retry_of = <its number>``, so its configuration is trained once more, from scratch.
+
+    Completed and pruned trials are never touched, so none is lost or run twice.
+
+    Returns:
+        Numbers of the trials that were re-enqueued.
+    """
+    storage = study._storage
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
+        if t.state == TrialState.RUNNING and _dead_local_worker(str(t.user_attrs.get(ATTR_WORKER, ""))):
+            storage.set_trial_user_attr(t._trial_id, ATTR_FAIL_REASON, f"{INTERRUPTED}: worker {t.user_attrs[ATTR_WORKER]} died")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(ATTR_RETRY_OF) for t in trials}
+    requeued = []
+    for t in trials:
+        reason = t.user_attrs.get(ATTR_FAIL_REASON)
+        stale = reason is None and ATTR_WORKER in t.user_attrs  # failed by the heartbeat check
+        if t.state == TrialState.FAIL and (stale or str(reason).startswith(INTERRUPTED)) and t.number not in retried:
+            study.enqueue_trial(t.params, user_attrs={ATTR_RETRY_OF: t.number}, skip_if_exists=False)
+            requeued.append(t.number)
+    return requeued
+
+
+class FailureLimit:
+    """Study callback: stop after ``limit`` trials failed in this session (earlier ones don't count)."""
+
+    def __init__(self, study: optuna.Study, limit: int):
+        self.limit = limit
+        self._before = self._failed(study)
+
+    @staticmethod
+    def _failed(study: optuna.Study) -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+
+    def exceeded(self, study: optuna.Study) -> bool:
+        return self._failed(study) - self._before >= self.limit
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.exceeded(study):
+            study.stop()
 
 
 def load_study(cfg: RunConfig) -> optuna.Study:
@@ -109,15 +208,32 @@ def load_study(cfg: RunConfig) -> optuna.Study:
         raise KeyError(f"no study {cfg.name!r} in {cfg.resolved_storage()}") from None
 
 
+def directions(cfg: RunConfig) -> list[str]:
+    """Optuna directions of the configured objectives (accuracy up, costs down)."""
+    return ["maximize" if m == METRIC else "minimize" for m in cfg.search.objectives]
+
+
+def objective_values(cfg: RunConfig, val_acc: float, attrs: Mapping[str, Any]) -> float | list[float]:
+    """The value(s) to tell Optuna: accuracy alone, or accuracy and the configured cost."""
+    if len(cfg.search.objectives) == 1:
+        return val_acc
+    return [val_acc] + [float(attrs[m]) for m in cfg.search.objectives[1:]]
+
+
+def val_acc_of(trial: FrozenTrial) -> Optional[float]:
+    """Validation accuracy of a finished trial, for single- and multi-objective studies."""
+    return trial.values[0] if trial.values else None
+
+
 def count_finished(study: optuna.Study) -> int:
     """Trials that count towards ``n_trials``: COMPLETE or PRUNED."""
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def ranked_trials(study: optuna.Study, k: Optional[int] = None) -> list[FrozenTrial]:
-    """COMPLETE trials, best validation accuracy first (top ``k``)."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    done.sort(key=lambda t: t.value, reverse=True)
+    """COMPLETE trials, best validation accuracy first (top ``k``); any number of objectives."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    done.sort(key=val_acc_of, reverse=True)
     return done[:k] if k else done
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import optuna
 from optuna.study import MaxTrialsCallback
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from ..config import RunConfig
 from ..space import SearchSpace
@@ -14,33 +14,30 @@ from ..study import (
     ATTR_FAIL_REASON,
     ATTR_NUM_PARAMETERS,
     ATTR_STOPPED_BY,
+    ATTR_STEP_TIME,
+    ATTR_VAL_CURVE,
     ATTR_WEIGHTS,
+    ATTR_WORKER,
     FINISHED,
+    INTERRUPTED,
+    FailureLimit,
     count_finished,
+    directions,
+    recover_interrupted,
     epoch_attrs,
     make_pruner,
     make_sampler,
+    objective_values,
     open_storage,
     set_attrs,
     spec_attrs,
     weights_path,
+    worker_id,
 )
 from ..surgery import count_parameters
 from ..train import EpochReport
 from ..trial import run_trial
 from .progress import SearchProgress
-
-
-class _FailureLimit:
-    """Study callback: stop the study once ``limit`` trials have failed."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-        if failed >= self.limit:
-            study.stop()
 
 
 def create_study(cfg: RunConfig) -> optuna.Study:
@@ -50,7 +47,7 @@ def create_study(cfg: RunConfig) -> optuna.Study:
         storage=open_storage(cfg),
         sampler=make_sampler(cfg),
         pruner=make_pruner(cfg),
-        direction="maximize",
+        directions=directions(cfg),
         load_if_exists=True,
     )
 
@@ -64,21 +61,25 @@ def run_optuna(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> 
     study = create_study(cfg)
     run_dir = cfg.resolved_run_dir()
     epochs = cfg.train.epochs
+    single = len(cfg.search.objectives) == 1  # Optuna's pruners and intermediate values need one objective
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: optuna.Trial) -> float | list[float]:
         spec = space.suggest(trial)
         path = weights_path(run_dir, trial.number)
-        set_attrs(trial, spec_attrs(spec, "optuna") | {ATTR_WEIGHTS: str(path)})
+        set_attrs(trial, spec_attrs(spec, "optuna") | {ATTR_WEIGHTS: str(path), ATTR_WORKER: worker_id()})
         progress.trial_started(trial.number, spec, epochs)
 
-        best = [0.0]
+        curve: list[float] = []
 
         def report(r: EpochReport) -> bool:
-            best[0] = max(best[0], r.val_acc)
-            trial.report(r.val_acc, r.epoch)
-            set_attrs(trial, epoch_attrs(r.epoch, r.step_time_s, r.images_per_s, best[0]))
+            curve.append(r.val_acc)
+            if single:
+                trial.report(r.val_acc, r.epoch)
+            else:
+                trial.set_user_attr(ATTR_VAL_CURVE, curve)
+            set_attrs(trial, epoch_attrs(r.epoch, r.step_time_s, r.images_per_s, max(curve)))
             progress.epoch_done(trial.number, r)
-            if r.epoch < epochs and trial.should_prune():
+            if single and r.epoch < epochs and trial.should_prune():
                 trial.set_user_attr(ATTR_STOPPED_BY, f"pruner:{cfg.search.pruner}")
                 return True
             return False
@@ -88,23 +89,31 @@ def run_optuna(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> 
 
         try:
             outcome = run_trial(cfg, spec, seed=cfg.seed + trial.number, report=report, weights_path=path, on_model=on_model)
+        except KeyboardInterrupt:
+            trial.set_user_attr(ATTR_FAIL_REASON, f"{INTERRUPTED}: Ctrl-C")
+            raise
         except Exception as err:
-            trial.set_user_attr(ATTR_FAIL_REASON, f"{type(err).__name__}: {err}"[:500])
-            progress.trial_finished(trial.number, "FAIL", None)
+            reason = f"{type(err).__name__}: {err}"[:500]
+            trial.set_user_attr(ATTR_FAIL_REASON, reason)
+            progress.trial_finished(trial.number, "FAIL", None, reason)
             raise
         if outcome.fit.stopped_early:
             progress.trial_finished(trial.number, "PRUNED", outcome.fit.final_val_acc)
             raise optuna.TrialPruned(f"stopped by the {cfg.search.pruner} pruner at epoch {outcome.fit.epochs_run}")
         progress.trial_finished(trial.number, "COMPLETE", outcome.fit.final_val_acc)
-        return outcome.fit.final_val_acc
+        costs = {ATTR_STEP_TIME: outcome.fit.step_time_s, ATTR_NUM_PARAMETERS: outcome.num_parameters}
+        return objective_values(cfg, outcome.fit.final_val_acc, costs)
 
-    remaining = cfg.search.n_trials - count_finished(study)
-    if remaining > 0:
+    recover_interrupted(study)
+    if count_finished(study) < cfg.search.n_trials:
         study.optimize(
             objective,
             timeout=cfg.search.timeout_s,
             catch=(Exception,),
-            callbacks=[MaxTrialsCallback(cfg.search.n_trials, states=FINISHED), _FailureLimit(cfg.search.max_failures)],
+            # RUNNING counts too: a worker that finds n_trials - 1 finished while another worker's trial
+            # runs stops instead of starting one more (which would overshoot n_trials)
+            callbacks=[MaxTrialsCallback(cfg.search.n_trials, states=(*FINISHED, TrialState.RUNNING)),
+                       FailureLimit(study, cfg.search.max_failures)],
             gc_after_trial=True,
         )
     return study

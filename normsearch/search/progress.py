@@ -73,10 +73,11 @@ class SearchProgress:
             f"loss {r.train_loss:.3f} {1000 * r.step_time_s:.0f} ms/step {r.images_per_s:.0f} img/s"
         )
 
-    def trial_finished(self, number: int, state: str, value: Optional[float]) -> None:
+    def trial_finished(self, number: int, state: str, value: Optional[float], reason: str = "") -> None:
         style = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state, "white")
         val = f"  val_acc {100 * value:5.2f}%" if value is not None else ""
-        self._print(f"[cyan]trial {number:3d}[/] [{style}]{state}[/]{val}")
+        why = f"  {reason}" if reason else ""
+        self._print(f"[cyan]trial {number:3d}[/] [{style}]{state}[/]{val}{why}")
         if state in ("COMPLETE", "PRUNED"):
             self._progress.advance(self._task)
         if state == "COMPLETE" and value is not None and (self._best is None or value > self._best):

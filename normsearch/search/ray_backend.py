@@ -21,15 +21,21 @@ from ..study import (
     ATTR_FAIL_REASON,
     ATTR_NUM_PARAMETERS,
     ATTR_STOPPED_BY,
+    ATTR_VAL_CURVE,
     ATTR_WEIGHTS,
+    ATTR_WORKER,
     METRIC,
+    FailureLimit,
     count_finished,
+    directions,
+    recover_interrupted,
     epoch_attrs,
     make_sampler,
     open_storage,
     set_attrs,
     spec_attrs,
     weights_path,
+    worker_id,
 )
 from .progress import SearchProgress
 
@@ -98,9 +104,12 @@ def _make_searcher_class():
         """OptunaSearch that records normsearch's user attrs and the true trial state."""
 
         def __init__(
-            self, *args: Any, search_space: SearchSpace, epochs: int, run_dir: Path, progress: SearchProgress, **kwargs: Any
+            self, *args: Any, search_space: SearchSpace, epochs: int, run_dir: Path, progress: SearchProgress,
+            objectives: list[str], **kwargs: Any,
         ):
             super().__init__(*args, **kwargs)
+            self._objectives = objectives
+            self._curves: dict[str, list[float]] = {}  # multi-objective: accuracy per epoch, as a user attr
             self._search_space = search_space
             self._epochs = epochs
             self._run_dir = run_dir
@@ -114,7 +123,9 @@ def _make_searcher_class():
                 self._started.add(trial_id)
                 ot = self._ot_trials[trial_id]
                 spec = self._spec_of(config)
-                set_attrs(ot, spec_attrs(spec, "ray") | {ATTR_WEIGHTS: str(weights_path(self._run_dir, ot.number))})
+                set_attrs(
+                    ot, spec_attrs(spec, "ray") | {ATTR_WEIGHTS: str(weights_path(self._run_dir, ot.number)), ATTR_WORKER: worker_id()}
+                )
                 self._progress.trial_started(ot.number, spec, self._epochs)
             return config
 
@@ -129,6 +140,9 @@ def _make_searcher_class():
             ot = self._ot_trials[trial_id]
             ot.set_user_attr(ATTR_NUM_PARAMETERS, result["num_parameters"])
             set_attrs(ot, epoch_attrs(result["epoch"], result["step_time_s"], result["images_per_s"], result["best_val_acc"]))
+            if len(self._objectives) > 1:
+                self._curves.setdefault(trial_id, []).append(result[METRIC])
+                ot.set_user_attr(ATTR_VAL_CURVE, self._curves[trial_id])
             self._progress.epoch_done(ot.number, _Row(result))
 
         def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
@@ -140,13 +154,14 @@ def _make_searcher_class():
             # stops a trial (ASHA does at max_t too): record that last epoch now.
             self.on_trial_result(trial_id, result)
             if error or "fail_reason" in result:
-                ot.set_user_attr(ATTR_FAIL_REASON, result.get("fail_reason", "the Ray trial errored (see the Ray logs)"))
+                reason = result.get("fail_reason", "the Ray trial errored (see the Ray logs)")
+                ot.set_user_attr(ATTR_FAIL_REASON, reason)
                 self._ot_study.tell(ot, state=TrialState.FAIL)
-                self._progress.trial_finished(ot.number, "FAIL", None)
+                self._progress.trial_finished(ot.number, "FAIL", None, reason)
             elif result.get("epoch", 0) >= self._epochs:
-                value = result.get(METRIC)
-                self._ot_study.tell(ot, value)
-                self._progress.trial_finished(ot.number, "COMPLETE", value)
+                values = [result[m] for m in self._objectives]
+                self._ot_study.tell(ot, values if len(values) > 1 else values[0])
+                self._progress.trial_finished(ot.number, "COMPLETE", values[0])
             else:  # stopped by the scheduler before its epoch budget
                 ot.set_user_attr(ATTR_STOPPED_BY, "scheduler:asha")
                 self._ot_study.tell(ot, state=TrialState.PRUNED)
@@ -181,38 +196,38 @@ class _Row:
         self.images_per_s = result["images_per_s"]
 
 
+def _start_ray(address: Optional[str]) -> Any:
+    ray, _ = _import_ray()
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return ray
+
+
 def run_ray(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> None:
-    """Run the search with Ray Tune until ``search.n_trials`` trials have finished."""
-    ray, tune = _import_ray()
+    """Run the search with Ray Tune until ``search.n_trials`` trials have finished.
+
+    Tune runs a fixed number of samples; failed trials do not count towards ``n_trials``, so
+    rounds of ``n_trials - finished`` samples follow each other until the study is full, the
+    time budget is spent, or ``search.max_failures`` trials have failed in this session. A
+    driver killed mid-study leaves RUNNING trials that :func:`recover_interrupted` fails and
+    re-enqueues on the next run; each round gets a fresh Ray experiment directory.
+    """
+    import time
+
+    import optuna
+
+    _, tune = _import_ray()
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     rc = cfg.search.ray
-    storage = open_storage(cfg)
-    import optuna
-
-    study = optuna.create_study(study_name=cfg.name, storage=storage, direction="maximize", load_if_exists=True)
-    remaining = cfg.search.n_trials - count_finished(study)
-    if remaining <= 0:
-        return
+    storage = open_storage(cfg, heartbeat=False)
+    study = optuna.create_study(study_name=cfg.name, storage=storage, directions=directions(cfg), load_if_exists=True)
+    recover_interrupted(study)
+    failures = FailureLimit(study, cfg.search.max_failures)
     run_dir = cfg.resolved_run_dir().resolve()
-    if not ray.is_initialized():
-        if rc.address:
-            ray.init(address=rc.address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-
-    searcher_cls = _make_searcher_class()
-    searcher = searcher_cls(
-        space=_DefineByRun(space), metric=METRIC, mode="max", sampler=make_sampler(cfg), storage=storage,
-        study_name=cfg.name, search_space=space, epochs=cfg.train.epochs, run_dir=run_dir, progress=progress,
-    )
-    if rc.scheduler == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration", metric=METRIC, mode="max", max_t=cfg.train.epochs,
-            grace_period=min(rc.grace_period, cfg.train.epochs), reduction_factor=rc.reduction_factor,
-        )
-    else:
-        scheduler = FIFOScheduler()
     run_cfg = cfg
     if rc.gpus_per_trial > 0 and cfg.train.device == "auto":  # a trial given a GPU trains on it
         run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})
@@ -220,15 +235,35 @@ def run_ray(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> Non
         tune.with_parameters(ray_trainable, run_config=run_cfg.model_dump(mode="json"), space=space),
         {"cpu": rc.cpus_per_trial, "gpu": rc.gpus_per_trial},
     )
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, num_samples=remaining,
-            max_concurrent_trials=rc.max_concurrent_trials, time_budget_s=cfg.search.timeout_s,
-        ),
-        run_config=tune.RunConfig(
-            name=cfg.name, storage_path=str(run_dir / "ray"), verbose=0,
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-        ),
-    )
-    tuner.fit()
+    deadline = time.monotonic() + cfg.search.timeout_s if cfg.search.timeout_s else None
+    multi = len(cfg.search.objectives) > 1
+    round_no = 0
+    while (remaining := cfg.search.n_trials - count_finished(study)) > 0 and not failures.exceeded(study):
+        budget = None if deadline is None else deadline - time.monotonic()
+        if budget is not None and budget <= 0:
+            break
+        _start_ray(rc.address)
+        searcher = _make_searcher_class()(
+            space=_DefineByRun(space), sampler=make_sampler(cfg), storage=storage, study_name=cfg.name,
+            metric=cfg.search.objectives if multi else METRIC, mode=[d[:3] for d in directions(cfg)] if multi else "max",
+            search_space=space, epochs=cfg.train.epochs, run_dir=run_dir, progress=progress, objectives=cfg.search.objectives,
+        )
+        if rc.scheduler == "asha":
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration", metric=METRIC, mode="max", max_t=cfg.train.epochs,
+                grace_period=min(rc.grace_period, cfg.train.epochs), reduction_factor=rc.reduction_factor,
+            )
+        else:
+            scheduler = FIFOScheduler()
+        round_no += 1
+        tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=scheduler, num_samples=remaining,
+                max_concurrent_trials=rc.max_concurrent_trials, time_budget_s=budget,
+            ),
+            run_config=tune.RunConfig(
+                name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{round_no}", storage_path=str(run_dir / "ray"),
+                verbose=0, failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            ),
+        ).fit()

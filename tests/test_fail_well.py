@@ -1,0 +1,85 @@
+"""Trials that raise or diverge are recorded as FAIL with their reason; the study goes on or stops as told."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from normsearch.cli import main
+from normsearch.study import ATTR_FAIL_REASON, ATTR_RETRY_OF
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")]
+
+
+def write(tmp_path: Path, train: str, space: str, search: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"""\
+name: fails
+run_dir: {tmp_path / 'run'}
+data: {{dataset: fashion_mnist, root: {tmp_path.parent / 'fmnist'}, train_size: 512, val_size: 256, test_size: 256}}
+model: {{name: lenet}}
+train: {{epochs: 1, batch_size: 64, threads: 1, {train}}}
+space: {{layers: [{{{space}}}]}}
+search: {{backend: optuna, sampler: random, pruner: none, {search}}}
+""")
+    return path
+
+
+def study_of(tmp_path: Path) -> optuna.Study:
+    return optuna.load_study(study_name="fails", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+
+
+def test_diverging_trials_fail_with_reason_and_max_failures_stops(tmp_path, capsys):
+    cfg = write(tmp_path, "optimizer: {lr: 1.0e+6}", "choices: [none]", "n_trials: 5")
+    assert main(["run", str(cfg), "--quiet", "--max-failures", "2"]) == 1
+    assert "the study stopped with 0 of 5 trials finished (2 failed" in capsys.readouterr().err
+    trials = study_of(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert all(t.user_attrs[ATTR_FAIL_REASON].startswith("TrialDiverged:") for t in trials)
+
+
+def test_a_raising_trial_fails_and_the_study_goes_on(tmp_path):
+    # the range's ends (2, 4) build for conv2's 16 channels, 3 does not: only a trial sampling it breaks
+    cfg = write(tmp_path, "optimizer: {lr: 0.05}", "select: conv2.norm, choices: [{kind: groupnorm, num_groups: {low: 2, high: 4}}]",
+                "n_trials: 4, sampler_seed: 3")
+    assert main(["run", str(cfg), "--quiet"]) == 0
+    trials = study_of(tmp_path).trials
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed, "seed 3 samples num_groups=3 for conv2.norm at least once"
+    for t in failed:
+        assert t.params["conv2.norm.groupnorm.num_groups"] == 3
+        assert "num_groups=3 must be >= 1 and divide num_features=16" in t.user_attrs[ATTR_FAIL_REASON]
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 4
+
+
+def test_ctrl_c_leaves_a_resumable_study(tmp_path):
+    cfg = write(tmp_path, "optimizer: {lr: 0.05}, epochs: 3", "choices: [batchnorm, {kind: modenorm, num_components: 2}]", "n_trials: 2")
+    proc = subprocess.Popen([sys.executable, "-m", "normsearch.cli", "run", str(cfg), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = tmp_path / "run" / "study.db"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # interrupt once the first trial has reported an epoch
+        time.sleep(0.5)
+        try:
+            if db.exists() and any(t.intermediate_values for t in study_of(tmp_path).trials):
+                break
+        except Exception:
+            continue
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted; re-run the same command to resume" in err and "Traceback" not in err
+    first = study_of(tmp_path).trials[0]
+    assert first.state == TrialState.FAIL and first.user_attrs[ATTR_FAIL_REASON] == "interrupted: Ctrl-C"
+    assert main(["run", str(cfg), "--quiet"]) == 0
+    trials = study_of(tmp_path).trials
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
+    retry = [t for t in trials if t.user_attrs.get(ATTR_RETRY_OF) == first.number]
+    assert len(retry) == 1 and retry[0].params == first.params and retry[0].state == TrialState.COMPLETE
