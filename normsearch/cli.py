@@ -7,7 +7,6 @@ Errors a user can fix (bad config, missing data, not a run directory) print one 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence

@@ -27,84 +27,15 @@ from optuna.trial import TrialState
 from ..config import RunConfig
 from ..space import SearchSpace
 from ..spec import ModelSpec
-from ..study import (
-    ATTR_BACKEND,
-    ATTR_FAIL_REASON,
-    ATTR_NUM_PARAMETERS,
-    ATTR_SPEC,
-    ATTR_STEP_TIME,
-    ATTR_VAL_CURVE,
-    ATTR_WEIGHTS,
-    ATTR_WORKER,
-    INTERRUPTED,
-    FailureLimit,
-    epoch_attrs,
-    objective_values,
-    recover_interrupted,
-    set_attrs,
-    spec_attrs,
-    trial_spec,
-    weights_path,
-    worker_id,
-)
-from ..surgery import count_parameters
-from ..train import EpochReport
-from ..trial import run_trial
+from ..study import ATTR_BACKEND, ATTR_SPEC, FailureLimit, recover_interrupted, spec_attrs, trial_spec
 from .enas_space import EnasSpace
-from .optuna_backend import create_study
+from .optuna_backend import create_study, make_objective
 from .progress import SearchProgress
 
 __all__ = ["ATTR_SUPERNET_ACC", "BACKEND", "retrain_children"]
 
 BACKEND = "enas"
 ATTR_SUPERNET_ACC = "enas_supernet_acc"
-
-
-def _objective(cfg: RunConfig, space: SearchSpace, progress: SearchProgress):
-    """Optuna objective training one enqueued child for ``train.epochs`` (no pruning).
-
-    Mirrors the optuna backend's objective (same attrs, reports and failure reasons) with the
-    backend named ``enas``; it is a separate function because that one is a closure.
-    """
-    run_dir, epochs = cfg.resolved_run_dir(), cfg.train.epochs
-    single = len(cfg.search.objectives) == 1  # intermediate values need a single objective
-
-    def objective(trial: optuna.Trial) -> float | list[float]:
-        spec = space.suggest(trial)
-        path = weights_path(run_dir, trial.number)
-        set_attrs(trial, spec_attrs(spec, BACKEND) | {ATTR_WEIGHTS: str(path), ATTR_WORKER: worker_id()})
-        progress.trial_started(trial.number, spec, epochs)
-        curve: list[float] = []
-
-        def report(r: EpochReport) -> bool:
-            curve.append(r.val_acc)
-            if single:
-                trial.report(r.val_acc, r.epoch)
-            else:
-                trial.set_user_attr(ATTR_VAL_CURVE, curve)
-            set_attrs(trial, epoch_attrs(r.epoch, r.step_time_s, r.images_per_s, max(curve)))
-            progress.epoch_done(trial.number, r)
-            return False
-
-        def on_model(model: Any) -> None:
-            trial.set_user_attr(ATTR_NUM_PARAMETERS, count_parameters(model))
-
-        try:
-            outcome = run_trial(cfg, spec, seed=cfg.seed + trial.number, report=report, weights_path=path,
-                                on_model=on_model)
-        except KeyboardInterrupt:
-            trial.set_user_attr(ATTR_FAIL_REASON, f"{INTERRUPTED}: Ctrl-C")
-            raise
-        except Exception as err:
-            reason = f"{type(err).__name__}: {err}"[:500]
-            trial.set_user_attr(ATTR_FAIL_REASON, reason)
-            progress.trial_finished(trial.number, "FAIL", None, reason)
-            raise
-        progress.trial_finished(trial.number, "COMPLETE", outcome.fit.final_val_acc)
-        costs = {ATTR_STEP_TIME: outcome.fit.step_time_s, ATTR_NUM_PARAMETERS: outcome.num_parameters}
-        return objective_values(cfg, outcome.fit.final_val_acc, costs)
-
-    return objective
 
 
 def enas_trial_specs(study: optuna.Study) -> set[ModelSpec]:
@@ -151,7 +82,7 @@ def retrain_children(
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     if waiting:
         study.optimize(
-            _objective(cfg, space, progress), n_trials=waiting, catch=(Exception,),
+            make_objective(cfg, space, progress, backend=BACKEND, prune=False), n_trials=waiting, catch=(Exception,),
             callbacks=[FailureLimit(study, cfg.search.max_failures)], gc_after_trial=True,
         )
     return study

@@ -52,13 +52,14 @@ def create_study(cfg: RunConfig) -> optuna.Study:
     )
 
 
-def run_optuna(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> optuna.Study:
-    """Run trials in this process until the study holds ``search.n_trials`` finished trials.
+def make_objective(cfg: RunConfig, space: SearchSpace, progress: SearchProgress, backend: str = "optuna", prune: bool = True):
+    """The Optuna objective shared by the optuna backend and ENAS's retraining of its children.
 
-    Failed trials (exception, NaN loss) are recorded as FAIL with ``fail_reason`` and the study
-    goes on, until ``search.max_failures`` of them stop it.
+    It samples (or, for an enqueued trial, replays) a spec, trains it with ``run_trial``, and
+    records params, per-epoch values and the user attrs of ``normsearch.study``; with ``prune``
+    and a single objective, the study's pruner may stop it after any epoch (state PRUNED).
+    Exceptions are recorded as ``fail_reason`` and re-raised for Optuna to mark the trial FAIL.
     """
-    study = create_study(cfg)
     run_dir = cfg.resolved_run_dir()
     epochs = cfg.train.epochs
     single = len(cfg.search.objectives) == 1  # Optuna's pruners and intermediate values need one objective
@@ -66,9 +67,8 @@ def run_optuna(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> 
     def objective(trial: optuna.Trial) -> float | list[float]:
         spec = space.suggest(trial)
         path = weights_path(run_dir, trial.number)
-        set_attrs(trial, spec_attrs(spec, "optuna") | {ATTR_WEIGHTS: str(path), ATTR_WORKER: worker_id()})
+        set_attrs(trial, spec_attrs(spec, backend) | {ATTR_WEIGHTS: str(path), ATTR_WORKER: worker_id()})
         progress.trial_started(trial.number, spec, epochs)
-
         curve: list[float] = []
 
         def report(r: EpochReport) -> bool:
@@ -79,7 +79,7 @@ def run_optuna(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> 
                 trial.set_user_attr(ATTR_VAL_CURVE, curve)
             set_attrs(trial, epoch_attrs(r.epoch, r.step_time_s, r.images_per_s, max(curve)))
             progress.epoch_done(trial.number, r)
-            if single and r.epoch < epochs and trial.should_prune():
+            if prune and single and r.epoch < epochs and trial.should_prune():
                 trial.set_user_attr(ATTR_STOPPED_BY, f"pruner:{cfg.search.pruner}")
                 return True
             return False
@@ -104,6 +104,18 @@ def run_optuna(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> 
         costs = {ATTR_STEP_TIME: outcome.fit.step_time_s, ATTR_NUM_PARAMETERS: outcome.num_parameters}
         return objective_values(cfg, outcome.fit.final_val_acc, costs)
 
+    return objective
+
+
+def run_optuna(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> optuna.Study:
+    """Run trials in this process until the study holds ``search.n_trials`` finished trials.
+
+    Failed trials (exception, NaN loss) are recorded as FAIL with ``fail_reason`` and the study
+    goes on, until ``search.max_failures`` of them (in this session) stop it. Trials cut off by
+    a kill or Ctrl-C in an earlier session are retried first (``recover_interrupted``).
+    """
+    study = create_study(cfg)
+    objective = make_objective(cfg, space, progress)
     recover_interrupted(study)
     if count_finished(study) < cfg.search.n_trials:
         study.optimize(
