@@ -98,11 +98,13 @@ def make_pruner(cfg: RunConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_storage(cfg: RunConfig) -> optuna.storages.RDBStorage:
+def open_storage(cfg: RunConfig, heartbeat: bool = True) -> optuna.storages.RDBStorage:
     """The run's RDB storage (sqlite file in the run directory unless ``storage`` names a URL).
 
-    Trials send a heartbeat every 10 s; one silent for 60 s (its worker died on another host)
-    is failed by the next worker that starts a trial, and :func:`recover_interrupted` retries it.
+    With ``heartbeat`` (for ``Study.optimize`` workers) trials send a heartbeat every 10 s; one
+    silent for 60 s (its worker died on another host) is failed by the next worker that starts a
+    trial, and :func:`recover_interrupted` retries it. Ray's driver asks and tells trials itself,
+    where Optuna's heartbeat does not apply.
     Workers started together on an empty database race to create Optuna's tables; the loser's
     ``CREATE TABLE`` fails (PostgreSQL: unique violation on ``pg_type``) and is retried, by which
     time the winner has committed them.
@@ -117,8 +119,8 @@ def open_storage(cfg: RunConfig) -> optuna.storages.RDBStorage:
                 return optuna.storages.RDBStorage(
                     url,
                     engine_kwargs={} if url.startswith("sqlite") else {"pool_pre_ping": True},
-                    heartbeat_interval=10,
-                    grace_period=60,
+                    heartbeat_interval=10 if heartbeat else None,
+                    grace_period=60 if heartbeat else None,
                 )
             except (IntegrityError, ProgrammingError):
                 if attempt == _SCHEMA_TRIES - 1:

@@ -94,3 +94,21 @@ def test_ray_backend_end_to_end(tmp_path):
     assert main(["run", str(cfg), "--quiet"]) == 0
     study = check_study(tmp_path / "run", "e2e_ray", "ray", 4)
     check_export(tmp_path / "run", study)
+
+
+@pytest.mark.parametrize("backend", ["optuna", "ray"])
+def test_two_objectives_accuracy_vs_step_time(backend, tmp_path):
+    cfg = write_config(tmp_path, backend, 3)
+    text = cfg.read_text().replace("sampler: random}", "sampler: nsga2, objectives: [val_acc, step_time_s]}")
+    cfg.write_text(text)
+    assert main(["run", str(cfg), "--quiet"]) == 0
+    study = optuna.load_study(study_name=f"e2e_{backend}", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert done and len(done) + len([t for t in study.trials if t.state == TrialState.PRUNED]) == 3  # ASHA may stop some
+    for t in done:
+        assert t.values[1] == pytest.approx(t.user_attrs[ATTR_STEP_TIME], rel=1e-3)
+        assert t.user_attrs["val_acc_per_epoch"][-1] == t.values[0]  # no intermediate values in 2-objective studies
+    front = {t.number for t in study.best_trials}
+    assert front and front <= {t.number for t in done}
+    assert main(["export", str(tmp_path / "run")]) == 0
