@@ -75,17 +75,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from .config import parse_config
-
-    import yaml
-
-    run_dir = Path(args.run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        return _fail(f"{run_dir}: not a normsearch run directory (no config.yaml)")
-    cfg = parse_config(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
-    cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
     from optuna_dashboard import run_server
+
+    from .study import run_config
+
+    cfg = run_config(Path(args.run_dir))
 
     url = cfg.resolved_storage()
     print(f"optuna-dashboard for {url} on http://{args.host}:{args.port}/", flush=True)

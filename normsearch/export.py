@@ -125,17 +125,12 @@ def export_run(run_dir: Path, trial_number: Optional[int] = None, out_dir: Optio
         FileNotFoundError: ``run_dir`` has no ``config.yaml``.
         LookupError: the study has no completed trial, or no trial ``trial_number``.
     """
-    from .config import parse_config
     from .models import create_model
-    from .study import load_study, ranked_trials, trial_spec
+    from .study import load_study, ranked_trials, run_config, trial_spec
     from .surgery import find_norm_slots
 
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a normsearch run directory (no config.yaml)")
-    cfg = parse_config(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
-    cfg = cfg.model_copy(update={"run_dir": str(run_dir)})  # the study lives where the directory is now
+    cfg = run_config(run_dir)
     study = load_study(cfg)
     if trial_number is None:
         ranked = ranked_trials(study, 1)

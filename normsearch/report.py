@@ -19,16 +19,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import optuna
-import yaml
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from . import introspect, plots
 from ._document import Block, duration, images, number, pct, render_html, render_markdown
-from .config import RunConfig, parse_config
+from .config import RunConfig
 from .study import (
     ATTR_BACKEND, ATTR_IMAGES_PER_S, ATTR_NUM_PARAMETERS, ATTR_SPEC, ATTR_STEP_TIME, ATTR_VAL_CURVE, load_study,
-    states_count, trial_spec, weights_path,
+    run_config, states_count, trial_spec, weights_path,
 )
 
 REPORT_DIR = "report"
@@ -89,11 +88,7 @@ def load_run(run_dir: Path) -> Run:
         KeyError: its storage holds no study of the configured name.
     """
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a normsearch run directory (no config.yaml)")
-    cfg = parse_config(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
-    cfg = cfg.model_copy(update={"run_dir": str(run_dir)})  # the study lives where the directory is now
+    cfg = run_config(run_dir)
     study = load_study(cfg)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     run = Run(run_dir, cfg, study, trials, rank_trials(trials, study.directions[0]), [])

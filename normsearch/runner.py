@@ -111,7 +111,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunSummary:
             {"number": t.number, "val_acc": val_acc_of(t), "num_parameters": t.user_attrs.get(ATTR_NUM_PARAMETERS),
              "layers": t.user_attrs.get(ATTR_LAYERS, {}), "weights": t.user_attrs.get(ATTR_WEIGHTS)}
         )
-    if cfg.final.evaluate_test and summary.best and summary.best[0]["weights"]:
+    if cfg.final.evaluate_test and summary.best and Path(summary.best[0]["weights"] or "").is_file():
         best = summary.best[0]
         acc, _ = evaluate_weights(cfg, Path(best["weights"]), "test")
         summary.test_acc = acc

@@ -198,6 +198,25 @@ class FailureLimit:
             study.stop()
 
 
+def run_config(run_dir: Path) -> RunConfig:
+    """The configuration a run directory was created with, pointed at where the directory is now.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no ``config.yaml`` (not a run directory).
+        normsearch.config.ConfigError: the saved configuration no longer validates.
+    """
+    import yaml
+
+    from .config import parse_config
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a normsearch run directory (no config.yaml)")
+    cfg = parse_config(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
+    return cfg.model_copy(update={"run_dir": str(run_dir)})  # the study lives where the directory is now
+
+
 def load_study(cfg: RunConfig) -> optuna.Study:
     """Open the run's existing study.
 
