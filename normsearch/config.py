@@ -125,6 +125,9 @@ class TrainConfig(_Strict):
         amp: mixed precision (bf16 autocast) ; ``auto`` = on for CUDA, off on CPU.
         threads: torch intra-op threads per trial (``None`` = leave torch's default).
         grad_clip: clip the gradient norm to this value (``None`` = no clipping).
+        compile: wrap the model in ``torch.compile`` (default mode, ``dynamic=False``) for
+            training and evaluation; a compilation error falls back to eager with one warning.
+            ``auto`` = on for CUDA, off on CPU. COMPILE_NUMBERS_PLACEHOLDER
     """
 
     epochs: int = Field(1, ge=1)
@@ -139,6 +142,7 @@ class TrainConfig(_Strict):
     amp: Literal["auto", True, False] = "auto"
     threads: Optional[int] = Field(None, ge=1)
     grad_clip: Optional[float] = Field(None, gt=0)
+    compile: Literal["auto", True, False] = "auto"
 
 
 

@@ -24,13 +24,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from matplotlib.transforms import blended_transform_factory
 
-#: Short names (the field's abbreviations) of the registered normalizers.
-KIND_SHORT = {
-    "batchnorm": "BN", "groupnorm": "GN", "layernorm": "LN", "instancenorm": "IN", "switchnorm": "SN",
-    "modenorm": "MN", "modegroupnorm": "MGN", "mixturenorm": "MixN", "none": "none",
-}
-#: Short names of layer hyper-parameters in cell texts (K modes/components, G groups).
-PARAM_SHORT = {"num_components": "K", "num_groups": "G"}
+from .spec import KIND_SHORT, PARAM_SHORT  # noqa: F401  (the figures use the tables' vocabulary)
+
 _KIND_COLORS = {
     "batchnorm": "#2ca02c", "instancenorm": "#1f77b4", "layernorm": "#ff7f0e", "groupnorm": "#9467bd",
     "switchnorm": "#d62728", "modenorm": "#8c564b", "modegroupnorm": "#e377c2", "mixturenorm": "#bcbd22",

@@ -22,6 +22,7 @@ from .space import SearchSpace
 from .study import (
     ATTR_LAYERS,
     ATTR_NUM_PARAMETERS,
+    ATTR_SPEC,
     ATTR_WEIGHTS,
     load_study,
     ranked_trials,
@@ -109,7 +110,8 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunSummary:
     for t in ranked_trials(study, cfg.final.top_k):
         summary.best.append(
             {"number": t.number, "val_acc": val_acc_of(t), "num_parameters": t.user_attrs.get(ATTR_NUM_PARAMETERS),
-             "layers": t.user_attrs.get(ATTR_LAYERS, {}), "weights": t.user_attrs.get(ATTR_WEIGHTS)}
+             "layers": t.user_attrs.get(ATTR_LAYERS, {}), "spec": t.user_attrs.get(ATTR_SPEC),
+             "weights": t.user_attrs.get(ATTR_WEIGHTS)}
         )
     if cfg.final.evaluate_test and summary.best and Path(summary.best[0]["weights"] or "").is_file():
         best = summary.best[0]

@@ -15,6 +15,14 @@ from torch import nn
 
 from .norms import create_norm_layer
 
+#: Short names (the field's abbreviations) of the registered normalizers.
+KIND_SHORT = {
+    "batchnorm": "BN", "groupnorm": "GN", "layernorm": "LN", "instancenorm": "IN", "switchnorm": "SN",
+    "modenorm": "MN", "modegroupnorm": "MGN", "mixturenorm": "MixN", "none": "none",
+}
+#: Short names of layer hyper-parameters in cell texts (K modes/components, G groups).
+PARAM_SHORT = {"num_components": "K", "num_groups": "G"}
+
 
 @dataclass(frozen=True)
 class NormSpec:
@@ -48,6 +56,11 @@ class NormSpec:
         args = ", ".join(f"{k}={v}" for k, v in self.params)
         text = f"{self.kind}({args})" if args else self.kind
         return text + ("+SL" if self.std_loss else "")
+
+    def short(self) -> str:
+        """Compact form used in tables and figures, e.g. ``MN K=2+SL``."""
+        parts = [KIND_SHORT.get(self.kind, self.kind)] + [f"{PARAM_SHORT.get(k, k)}={v}" for k, v in self.params]
+        return " ".join(parts) + ("+SL" if self.std_loss else "")
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": self.kind, **self.kwargs}

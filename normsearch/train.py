@@ -7,11 +7,12 @@ module imports neither ``optuna`` nor ``ray``.
 A loader is any re-iterable with ``len()`` that yields ``(x, y)`` batches, ``x`` float
 ``(N, C, H, W)`` and ``y`` int64 ``(N,)`` (ideally already on the trainer's device).
 
-Fast path: SGD with ``zero_grad(set_to_none=True)``, optional channels_last memory format and bf16
-autocast, and no per-step host synchronization on accelerators (losses and correct counts are
-accumulated as tensors and read once per epoch; divergence is checked every step on CPU, where
-reading a scalar is free, and on the first steps plus every ``_ACCEL_CHECK_EVERY`` steps
-elsewhere).
+Fast path: SGD with ``zero_grad(set_to_none=True)``, optional channels_last memory format, bf16
+autocast and ``torch.compile`` (``TrainConfig.compile``; the compiled wrapper only runs the
+forward, the original module keeps its parameters, state_dict keys and hooks), and no per-step host
+synchronization on accelerators (losses and correct counts are accumulated as tensors and read
+once per epoch; divergence is checked every step on CPU, where reading a scalar is free, and on
+the first steps plus every ``_ACCEL_CHECK_EVERY`` steps elsewhere).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import math
 import random
 import time
+import warnings
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -33,8 +35,8 @@ from .config import ScheduleConfig, TrainConfig
 from .norms.standardization import StandardizationLossTap
 
 __all__ = [
-    "TIMING_WARMUP_STEPS", "EpochLRFactor", "EpochReport", "FitResult", "Trainer", "TrialDiverged",
-    "resolve_device", "set_seed",
+    "TIMING_WARMUP_STEPS", "CompiledForward", "EpochLRFactor", "EpochReport", "FitResult", "Trainer",
+    "TrialDiverged", "resolve_device", "set_seed",
 ]
 
 #: Steps at the start of each ``fit`` excluded from ``step_time_s``/``images_per_s`` (allocator,
@@ -225,6 +227,38 @@ def _has_conv2d(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
+class CompiledForward:
+    """Call ``model`` through ``torch.compile``; if compiling fails, warn once and run eagerly.
+
+    ``torch.compile`` compiles lazily, on the first call and again for each new input shape or
+    train/eval mode, so a failure shows as an exception from a call: the call is then repeated on
+    the eager ``model`` (a genuine error in the model raises again there) and every later call is
+    eager. Compilation uses the default mode and ``dynamic=False`` (one graph per batch shape: the
+    training batch, the evaluation batch and a smaller last batch each compile once).
+
+    Args:
+        model: the module to run (its parameters, buffers and hooks are used as they are).
+
+    Attributes:
+        compiled: the ``torch.compile`` wrapper, or ``None`` after a failure.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.compiled: Optional[Callable[..., torch.Tensor]] = torch.compile(model, dynamic=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure means: go eager
+                first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+                warnings.warn(f"torch.compile failed, training eagerly: {type(exc).__name__}: {first_line}",
+                              RuntimeWarning, stacklevel=2)
+                self.compiled = None
+        return self.model(x)
+
+
 class Trainer:
     """SGD training with per-epoch validation, LR schedule, reporting and divergence detection.
 
@@ -242,6 +276,8 @@ class Trainer:
         device: the resolved device.
         channels_last: whether the model and inputs use ``torch.channels_last``.
         amp: whether bf16 autocast is on.
+        compile: whether the forward runs through ``torch.compile`` (``cfg.compile``; ``auto`` =
+            CUDA only, see :class:`normsearch.config.TrainConfig`).
 
     Raises:
         ValueError: negative ``std_loss_weight``, or a bad device.
@@ -271,6 +307,10 @@ class Trainer:
         self.model = model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.compile = self.device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = (
+            CompiledForward(self.model) if self.compile else self.model
+        )
 
     def _prepare(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=True)
@@ -316,7 +356,7 @@ class Trainer:
                 for x, y in loader:
                     x, y = self._prepare(x, y)
                     with self._autocast():
-                        logits = self.model(x)
+                        logits = self._forward(x)
                     loss_sum += _cross_entropy(logits, y, reduction="sum")
                     correct += (logits.argmax(dim=1) == y).sum()
                     count += y.shape[0]
@@ -422,7 +462,7 @@ class Trainer:
                 t_timed = time.perf_counter()
             x, y = self._prepare(*next(batches))
             with self._autocast():
-                logits = model(x)
+                logits = self._forward(x)
                 ce = _cross_entropy(logits, y)
             loss = ce
             if tap is not None:

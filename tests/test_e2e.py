@@ -87,9 +87,12 @@ def test_optuna_backend_end_to_end(tmp_path):
     check_study(tmp_path / "run", "e2e_optuna", "optuna", 4)
 
 
-def test_ray_backend_end_to_end(tmp_path):
+def test_ray_backend_end_to_end(tmp_path, monkeypatch):
     cfg = write_config(tmp_path, "ray", 4, "  \n")
     text = cfg.read_text().replace("sampler: random}", "sampler: random, ray: {cpus_per_trial: 1, grace_period: 1, reduction_factor: 2}}")
+    # relative paths, as in the README's quick start: Ray workers run in other directories
+    monkeypatch.chdir(tmp_path)
+    text = text.replace(f"run_dir: {tmp_path / 'run'}", "run_dir: run").replace(f"root: {tmp_path.parent / 'fmnist'}", "root: ../fmnist")
     cfg.write_text(text)
     assert main(["run", str(cfg), "--quiet"]) == 0
     study = check_study(tmp_path / "run", "e2e_ray", "ray", 4)

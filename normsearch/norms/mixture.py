@@ -40,48 +40,72 @@ __all__ = ["MixtureNorm2d"]
 _MIN_FIT_POINTS = 64  # the subsample for the GMM fit never has fewer points (unless the batch has)
 
 # Pixels are held either channels-first, (N, C, L) (NCHW input), or channels-last, (N, L, C)
-# (channels_last input); ``cl`` says which. Posteriors then have shape (N, K, L) or (N, L, K). The
-# three products below keep every big tensor contiguous in the input's own layout.
+# (channels_last input); ``cl`` says which. Posteriors then have shape (N, K, L) or (N, L, K). In the
+# channels-last case the posteriors are stored component-major, as a (K, N*L) matrix that the
+# (N, L, K) tensor views: a softmax over a last dimension of size K is ~20x slower on CPU than over
+# a leading one, and (K, N*L) @ (N*L, C) products are single well-shaped matrix products. The
+# helpers below keep every big tensor contiguous in the input's own layout.
 
 
-def _project(w: Tensor, x: Tensor, cl: bool) -> Tensor:
-    """``sum_c w[k, c] x[.., c, ..]``: (K, C) weights, pixels -> posterior layout."""
-    return x @ w.T if cl else torch.bmm(w.expand(x.shape[0], -1, -1), x)
+def _k_major(nu: Tensor) -> Tensor:
+    """Channels-last posteriors (N, L, K) as the (K, N*L) matrix (a view when stored component-major)."""
+    return nu.permute(2, 0, 1).reshape(nu.shape[2], -1)
 
 
-def _spread(s: Tensor, nu: Tensor, cl: bool) -> Tensor:
-    """``sum_k nu[.., k, ..] s[k, c]``: (K, C) per-component values, posteriors -> pixel layout."""
-    return nu @ s if cl else torch.bmm(s.T.expand(nu.shape[0], -1, -1), nu)
+def _from_k_major(nu_kp: Tensor, n: int) -> Tensor:
+    """(K, N*L) component-major posteriors -> the (N, L, K) view."""
+    return nu_kp.view(nu_kp.shape[0], n, -1).permute(1, 2, 0)
+
+
+def _spread(s: Tensor, nu: Tensor, cl: bool, out: Tensor | None = None) -> Tensor:
+    """``sum_k nu[.., k, ..] s[k, c]``: (K, C) per-component values, posteriors -> pixel layout.
+
+    Args:
+        out: optional contiguous tensor of the result's shape to write into.
+    """
+    if cl:
+        flat = None if out is None else out.view(-1, s.shape[1])
+        return torch.mm(_k_major(nu).T, s, out=flat).view(nu.shape[0], nu.shape[1], s.shape[1])
+    return torch.bmm(s.T.expand(nu.shape[0], -1, -1), nu, out=out)
 
 
 def _moment(x: Tensor, nu: Tensor, cl: bool) -> Tensor:
     """``sum_i nu_k(i) x_c(i)`` over all pixels: (K, C)."""
     if cl:
-        return torch.bmm(nu.transpose(1, 2), x).sum(0)
-    return torch.bmm(x, nu.transpose(1, 2)).sum(0).T
+        return _k_major(nu) @ x.reshape(-1, x.shape[2])
+    return torch.bmm(nu, x.transpose(1, 2)).sum(0)
 
 
-def _component_log_prob(x: Tensor, x_sq: Tensor, log_weights: Tensor, means: Tensor, variances: Tensor,
-                        cl: bool) -> Tensor:
-    """log(lambda_k N(x | mu_k, diag(sigma_k^2))) of every pixel, by two matrix products.
+def _posteriors(x: Tensor, x_sq: Tensor, log_weights: Tensor, means: Tensor, variances: Tensor,
+                cl: bool) -> Tensor:
+    """Posteriors nu_k(x_i) of every pixel under a diagonal GMM, by two matrix products and a softmax.
+
+    ``log(lambda_k N(x | mu_k, sigma_k^2)) = log lambda_k - 0.5 (sum_c x_c^2 / sigma_kc^2
+    - 2 sum_c x_c mu_kc / sigma_kc^2 + const_k)``: linear in the features ``x`` and ``x ** 2``.
 
     Args:
         x: pixels (N, C, L) or (N, L, C), centred like ``means``.
         x_sq: ``x ** 2`` (shared with the statistics, so computed once).
-        log_weights: (K,) log mixture weights (-inf for dropped components).
+        log_weights: (K,) log mixture weights (-inf for dropped components: posterior 0).
         means: (K, C).
         variances: (K, C), positive.
         cl: channels-last layout.
 
     Returns:
-        (N, K, L) or (N, L, K) weighted log-densities.
+        (N, K, L), or (N, L, K) viewing a (K, N*L) tensor when ``cl``.
     """
     precisions = variances.reciprocal()
-    quad = _project(precisions, x_sq, cl) - _project(2.0 * means * precisions, x, cl)
-    channels = x_sq.shape[2 if cl else 1]
+    channels = means.shape[1]
     const = (means.square() * precisions).sum(1) + variances.log().sum(1) + channels * math.log(2 * math.pi)
-    shape = (1, 1, -1) if cl else (1, -1, 1)
-    return (log_weights - 0.5 * const).view(shape) - 0.5 * quad
+    bias = (log_weights - 0.5 * const).unsqueeze(1)  # (K, 1)
+    if cl:
+        log_prob = torch.addmm(bias, -0.5 * precisions, x_sq.reshape(-1, channels).T)  # (K, N*L)
+        log_prob = log_prob.addmm_(means * precisions, x.reshape(-1, channels).T)
+        return _from_k_major(torch.softmax(log_prob, dim=0), x.shape[0])
+    n = x.shape[0]
+    log_prob = torch.baddbmm(bias.unsqueeze(0), (-0.5 * precisions).expand(n, -1, -1), x_sq)
+    log_prob = log_prob.baddbmm_((means * precisions).expand(n, -1, -1), x)
+    return torch.softmax(log_prob, dim=1)
 
 
 class _MixtureNormalize(torch.autograd.Function):
@@ -93,6 +117,8 @@ class _MixtureNormalize(torch.autograd.Function):
     ``dE1 = (-s G - 2 E1 dvar) / mass``, ``dvar = -0.5 s (H - E1 G) / (var + eps)``,
     ``dx = g (nu @ s) + nu @ dE1 + 2 x (nu @ (dvar / mass))``,
     ``dgamma = sum_k (s/gamma) (H - E1 G)``, ``dbeta = sum_k G``. Checked against autograd in the tests.
+    The full-size ``nu @ s`` of the forward is kept for the backward; the other full-size
+    temporaries are reused in place.
     """
 
     @staticmethod
@@ -105,8 +131,9 @@ class _MixtureNormalize(torch.autograd.Function):
         scale = torch.rsqrt(var + eps) * torch.rsqrt(mass / points).unsqueeze(1)  # 1/(sqrt(lam) sigma)
         s = scale if weight is None else scale * weight
         offset = s * mean if bias is None else s * mean - bias
-        y = torch.addcmul(_spread(-offset, nu, cl), x, _spread(s, nu, cl))
-        ctx.save_for_backward(x, nu, mass, weight, mean, scale, var, pre_var >= 0)
+        spread_s = _spread(s, nu, cl)
+        y = _spread(-offset, nu, cl).addcmul_(x, spread_s)
+        ctx.save_for_backward(x, nu, mass, weight, mean, scale, var, pre_var >= 0, spread_s)
         ctx.eps, ctx.cl = eps, cl
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
@@ -114,20 +141,20 @@ class _MixtureNormalize(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        x, nu, mass, weight, mean, scale, var, unclamped = ctx.saved_tensors
+        x, nu, mass, weight, mean, scale, var, unclamped, spread_s = ctx.saved_tensors
         cl = ctx.cl
         g_sum = _moment(grad_y, nu, cl)  # G (K, C)
-        gx_sum = _moment(x * grad_y, nu, cl)  # H (K, C)
+        xg = x * grad_y
+        gx_sum = _moment(xg, nu, cl)  # H (K, C)
         centred = gx_sum - mean * g_sum  # sum_i nu g (x - E1)
         grad_weight = (scale * centred).sum(0) if weight is not None and ctx.needs_input_grad[4] else None
         grad_bias = g_sum.sum(0) if ctx.needs_input_grad[5] else None
         s = scale if weight is None else scale * weight
         d_var = torch.where(unclamped, -0.5 * s * centred / (var + ctx.eps), torch.zeros_like(var))
         d_e1 = (-s * g_sum - 2.0 * mean * d_var) / mass.unsqueeze(1)
-        coef = torch.cat([d_e1, 2.0 * d_var / mass.unsqueeze(1), s], 1)  # (K, 3C)
-        spread = _spread(coef, nu, cl)
-        p, q, b = spread.chunk(3, dim=2 if cl else 1)
-        grad_x = torch.addcmul(torch.addcmul(p, x, q), grad_y, b)
+        reuse = xg if xg.is_contiguous() and xg.dtype == x.dtype else None
+        q = _spread(2.0 * d_var / mass.unsqueeze(1), nu, cl, out=reuse)
+        grad_x = _spread(d_e1, nu, cl).addcmul_(x, q).addcmul_(grad_y, spread_s)
         return grad_x, None, None, None, grad_weight, grad_bias, None, None
 
 
@@ -291,13 +318,12 @@ class MixtureNorm2d(nn.Module):
         n_fit = min(total, max(math.ceil(self.subsample * total), _MIN_FIT_POINTS))
         if n_fit < total:
             idx = torch.randperm(total, device=x.device)[:n_fit]
-            points = x.reshape(total, c)[idx] if cl else x[idx // length, :, idx % length]
+            points = x.reshape(total, c).index_select(0, idx) if cl else x[idx // length, :, idx % length]
         else:
             points = x.reshape(total, c) if cl else x.transpose(1, 2).reshape(total, c)
         gmm = fit_gmm(points, self.num_components, self.em_iters,
                       reg_covar=DEFAULT_REG_COVAR, min_weight=self.min_weight)
-        log_prob = _component_log_prob(x, x_sq, gmm.weights.log(), gmm.means, gmm.variances, cl)
-        return torch.softmax(log_prob, dim=2 if cl else 1), gmm
+        return _posteriors(x, x_sq, gmm.weights.log(), gmm.means, gmm.variances, cl), gmm
 
     def _mix(self, x: Tensor, nu: Tensor, scale: Tensor, means: Tensor, cl: bool) -> Tensor:
         """Eq. 34 plus the affine: ``sum_k nu_k scale_k (x - mu_k) * weight + bias``.
@@ -312,7 +338,7 @@ class MixtureNorm2d(nn.Module):
             gamma = self.weight.to(x.dtype)
             scale = scale * gamma
             offset = offset * gamma - self.bias.to(x.dtype)
-        return torch.addcmul(_spread(-offset, nu, cl), x, _spread(scale, nu, cl))
+        return _spread(-offset, nu, cl).addcmul_(x, _spread(scale, nu, cl))
 
     def _batchnorm_train(self, x: Tensor) -> Tensor:
         """K = 1 in training: the transform is exactly BatchNorm (nu = lambda = 1); use torch's kernel."""
@@ -334,7 +360,7 @@ class MixtureNorm2d(nn.Module):
         with torch.no_grad():
             x_sq = x.square()
             nu, gmm = self.fit_posteriors(x, x_sq, cl)
-            mass = nu.sum((0, 1) if cl else (0, 2)).clamp_min(torch.finfo(x.dtype).tiny)  # (K,)
+            mass = (_k_major(nu).sum(1) if cl else nu.sum((0, 2))).clamp_min(torch.finfo(x.dtype).tiny)  # (K,)
         weight = self.weight.to(x.dtype) if self.affine else None
         bias = self.bias.to(x.dtype) if self.affine else None
         y, means, var = _MixtureNormalize.apply(x, x_sq, nu, mass, weight, bias, self.eps, cl)
@@ -368,9 +394,8 @@ class MixtureNorm2d(nn.Module):
         norm_means = self.queue_norm_means.to(dtype).flatten(0, 1)
         shift = torch.softmax(log_w, 0) @ norm_means  # a constant centre for the float math
         x = xs - (shift if cl else shift.unsqueeze(1))
-        log_prob = _component_log_prob(x, x.square(), log_w, self.queue_means.to(dtype).flatten(0, 1) - shift,
-                                       self.queue_vars.to(dtype).flatten(0, 1), cl)
-        nu = torch.softmax(log_prob, dim=2 if cl else 1)  # posterior over the T*K queued components
+        nu = _posteriors(x, x.square(), log_w, self.queue_means.to(dtype).flatten(0, 1) - shift,
+                         self.queue_vars.to(dtype).flatten(0, 1), cl)  # over the T*K queued components
         lam = self.queue_norm_weights.to(dtype).flatten().clamp_min(torch.finfo(dtype).tiny)
         scale = torch.rsqrt(self.queue_norm_vars.to(dtype).flatten(0, 1) + self.eps) * torch.rsqrt(lam).unsqueeze(1)
         return self._mix(x, nu, scale, norm_means - shift, cl)

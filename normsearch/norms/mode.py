@@ -45,57 +45,156 @@ def _var_mean_is_fast(x: Tensor) -> bool:
     return x.is_cuda
 
 
-class _SpatialMoments(torch.autograd.Function):
-    """Per-(sample, channel) biased variance and mean over H, W, with a one-pass backward.
+def _bn_kernel_ok(x: Tensor, *others: Tensor) -> bool:
+    """Whether per-(sample, channel) work on ``x`` may run as BatchNorm over a (1, N*C, H*W) view.
 
-    ``torch.var_mean`` over (H, W) is a slow Welford loop on CPU and its autograd backward makes
-    several full-size temporaries; this computes the same two (N, C) tensors (float32 for
-    float16/bfloat16 input) by two passes on CPU and ``var_mean`` on CUDA, and returns
-    ``d/dx = (grad_mean + 2 * grad_var * (x - mean)) / (H * W)`` as one fused ``x * p + q`` pass.
-    The backward is built from differentiable ops, so double backward works.
+    On CPU, BatchNorm's kernels compute ``x * a + b`` and the pair of sums ``sum(g * x)``,
+    ``sum(g)`` per channel about twice as fast as ``addcmul`` and ``mul`` + two ``sum`` calls over
+    the spatial dimensions of an NCHW tensor. That needs every tensor contiguous (NCHW) and of one
+    dtype; channels_last tensors take the generic ops (which are fast in that format).
+    """
+    return x.device.type == "cpu" and all(t.is_contiguous() and t.dtype == x.dtype for t in (x, *others))
+
+
+def _spatial_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-(sample, channel) biased variance and mean over H, W (no autograd), float32 for 16-bit x.
+
+    Two passes on CPU (the mean, then the mean of ``(x - mean)**2`` from one fused ``mse_loss``
+    kernel: stable, unlike ``E[x^2] - E[x]^2``); ``torch.var_mean`` on CUDA.
+
+    Returns:
+        ``(var, mean, scratch)``: (N, C) each, and a free tensor shaped, typed and laid out like
+        ``x`` that the caller may overwrite (saves an allocation), or None.
+    """
+    dtype = _stat_dtype(x)
+    if _var_mean_is_fast(x):
+        return (*torch.var_mean(x.to(dtype), dim=(2, 3), correction=0), None)
+    mean = x.mean(dim=(2, 3), dtype=dtype)
+    centre = mean[:, :, None, None]
+    if x.dtype != dtype:
+        return (x - centre).square_().mean(dim=(2, 3)), mean, None
+    sq = F.mse_loss(x, centre.expand_as(x), reduction="none")
+    return sq.mean(dim=(2, 3)), mean, sq if sq.stride() == x.stride() else None
+
+
+def _scale_shift(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x * scale + shift`` with (N, C) ``scale``/``shift`` (no autograd), in ``x``'s dtype and format.
+
+    Args:
+        out: optional tensor like ``x`` (shape, dtype, strides) to write the result into.
+    """
+    s, b = scale.to(x.dtype), shift.to(x.dtype)
+    if _bn_kernel_ok(x, s):
+        n, c = s.shape
+        zero, one = torch.zeros_like(s.view(-1)), torch.ones_like(s.view(-1))
+        y = torch.native_batch_norm(x.view(1, n * c, -1), s.view(-1), b.view(-1), zero, one, False, 0.0, 0.0)[0]
+        return y.view_as(x)
+    return torch.addcmul(b[:, :, None, None], x, s[:, :, None, None], out=out)
+
+
+def _spatial_sums(grad: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(sum_hw(grad * x), sum_hw(grad), scratch)``: (N, C) sums in ``dtype`` (no autograd).
+
+    ``scratch`` is a free tensor like ``x`` (the ``grad * x`` product) or None.
+    """
+    if x.dtype == dtype and _bn_kernel_ok(x, grad):
+        n, c = x.shape[:2]
+        zero, one = x.new_zeros(n * c), x.new_ones(n * c)
+        _, gx, g = torch.ops.aten.native_batch_norm_backward(
+            grad.view(1, n * c, -1), x.view(1, n * c, -1), None, zero, one, None, None, False, 0.0,
+            [False, True, True],
+        )
+        return gx.view(n, c), g.view(n, c), None
+    prod = grad * x
+    scratch = prod if prod.dtype == x.dtype and prod.stride() == x.stride() else None
+    return torch.sum(prod, dim=(2, 3), dtype=dtype), torch.sum(grad, dim=(2, 3), dtype=dtype), scratch
+
+
+def _reference_norm(x: Tensor, affine_fn, *params: Tensor | None) -> tuple[Tensor, ...]:
+    """:func:`_per_sample_norm` in plain differentiable ops (``torch.compile``, double backward)."""
+    var_n, mean_n = torch.var_mean(x.to(_stat_dtype(x)), dim=(2, 3), correction=0)
+    scale, shift, *aux = affine_fn(var_n, mean_n, *params)
+    y = torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, scale.to(x.dtype)[:, :, None, None])
+    return (y, *aux)
+
+
+class _PerSampleNorm(torch.autograd.Function):
+    """``y = x * scale + shift`` where ``(scale, shift, *aux) = affine_fn(var_n, mean_n, *params)``.
+
+    ``var_n``/``mean_n`` are the (N, C) spatial moments of ``x`` and ``affine_fn`` is the small
+    gate/estimator arithmetic of MN or MGN on (N, C) tensors. Autograd over the two big passes is
+    replaced by a lean backward: ``affine_fn``'s graph is built in the forward on detached leaves
+    and differentiated with ``torch.autograd.grad`` given ``sum_hw(g * x)`` and ``sum_hw(g)``; the
+    input gradient ``g * scale + x * p + q`` (``p``, ``q`` from the moments' gradients) is then
+    one fused pass plus one in-place ``addcmul_``. Under ``create_graph=True`` the backward
+    differentiates :func:`_reference_norm` instead, so double backward works.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        dtype = _stat_dtype(x)
-        if _var_mean_is_fast(x):
-            var, mean = torch.var_mean(x.to(dtype), dim=(2, 3), correction=0)
-        else:
-            mean = x.mean(dim=(2, 3), dtype=dtype)
-            var = (x - mean[:, :, None, None]).square_().mean(dim=(2, 3))
-        ctx.save_for_backward(x, mean)
-        return var, mean
+    def forward(ctx, x, affine_fn, *params):  # type: ignore[override]
+        var_n, mean_n, scratch = _spatial_moments(x)
+        leaves = [var_n.requires_grad_(), mean_n.requires_grad_()]
+        leaves += [None if p is None else p.detach().requires_grad_(p.requires_grad) for p in params]
+        with torch.enable_grad():
+            scale, shift, *aux = affine_fn(*leaves)
+        ctx.save_for_backward(x, *params)
+        ctx.affine_fn, ctx.graph = affine_fn, (leaves, scale, shift)
+        aux = [a.detach() for a in aux]
+        ctx.mark_non_differentiable(*aux)
+        return (_scale_shift(x, scale.detach(), shift.detach(), out=scratch), *aux)
 
     @staticmethod
-    def backward(ctx, grad_var: Tensor, grad_mean: Tensor) -> Tensor:  # type: ignore[override]
-        x, mean = ctx.saved_tensors
-        p = grad_var * (2.0 / (x.size(2) * x.size(3)))
-        q = grad_mean / (x.size(2) * x.size(3)) - p * mean
-        return torch.addcmul(q[:, :, None, None], x, p[:, :, None, None]).to(x.dtype)
+    def backward(ctx, grad, *_aux_grads):  # type: ignore[override]
+        x, *params = ctx.saved_tensors
+        need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[2:]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-op recomputation
+            inputs = [t for t, need in zip((x, *params), (need_x, *need_params)) if need]
+            with torch.enable_grad():
+                y = _reference_norm(x, ctx.affine_fn, *params)[0]
+            found = iter(torch.autograd.grad(y, inputs, grad, create_graph=True, allow_unused=True))
+            return (next(found) if need_x else None, None, *(next(found) if n else None for n in need_params))
+        leaves, scale, shift = ctx.graph
+        var_n, mean_n = leaves[:2]
+        sum_gx, sum_g, scratch = _spatial_sums(grad, x, scale.dtype)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        # retain_graph: the outer backward may run again (retain_graph=True there, e.g. gradcheck);
+        # the small graph dies with ctx either way.
+        found = dict(zip(map(id, wanted), torch.autograd.grad(
+            (scale, shift), wanted, (sum_gx, sum_g), retain_graph=True, allow_unused=True)))
+        grads = [found.get(id(t)) if t is not None else None for t in leaves]
+        grad_x = None
+        if need_x:
+            hw = x.size(2) * x.size(3)
+            p = grads[0] * (2.0 / hw) if grads[0] is not None else torch.zeros_like(scale)
+            q = (grads[1] / hw if grads[1] is not None else torch.zeros_like(scale)) - p * mean_n
+            if x.dtype == scale.dtype:
+                grad_x = _scale_shift(x, p, q, out=scratch)
+            else:  # float32 gradient for 16-bit x, rounded once at the end
+                grad_x = torch.addcmul(q[:, :, None, None], x, p[:, :, None, None])
+            grad_x = grad_x.addcmul_(grad, scale.to(grad_x.dtype)[:, :, None, None]).to(x.dtype)
+        return (grad_x, None, *(g if n else None for g, n in zip(grads[2:], need_params)))
 
 
-class _ScaleShift(torch.autograd.Function):
-    """``x * scale + shift`` with per-(sample, channel) ``scale``, ``shift`` of shape (N, C).
+def _per_sample_norm(x: Tensor, affine_fn, *params: Tensor | None) -> tuple[Tensor, ...]:
+    """Normalize ``x`` with per-(sample, channel) ``scale``/``shift`` computed from its moments.
 
-    Same values as ``torch.addcmul``, computed in ``x``'s dtype and memory format, but with a lean
-    backward (``addcmul``'s autograd formula costs about twice as much on CPU): ``go * scale``,
-    ``sum_hw(go * x)`` and ``sum_hw(go)``, the two sums accumulated in ``scale``'s dtype.
+    Args:
+        x: (N, C, H, W) input.
+        affine_fn: ``(var_n, mean_n, *params) -> (scale, shift, *aux)``, all (N, C) but ``aux``
+            (extra tensors returned without gradient, e.g. MN's batch estimators); pure.
+        params: the tensors ``affine_fn`` differentiates (``None`` allowed).
+
+    Returns:
+        ``(y, *aux)``; ``y`` has ``x``'s shape, dtype and memory format.
     """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, scale)
-        s, b = scale.to(x.dtype)[:, :, None, None], shift.to(x.dtype)[:, :, None, None]
-        return torch.addcmul(b, x, s)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, scale = ctx.saved_tensors
-        need_x, need_scale, need_shift = ctx.needs_input_grad
-        grad_x = grad * scale.to(grad.dtype)[:, :, None, None] if need_x else None
-        grad_scale = torch.sum(grad * x, dim=(2, 3), dtype=scale.dtype) if need_scale else None
-        grad_shift = torch.sum(grad, dim=(2, 3), dtype=scale.dtype) if need_shift else None
-        return grad_x, grad_scale, grad_shift
+    if torch.compiler.is_compiling():  # plain ops: inductor fuses them better than our kernels
+        return _reference_norm(x, affine_fn, *params)
+    tracked = (x, *(p for p in params if p is not None))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+        return _PerSampleNorm.apply(x, affine_fn, *params)
+    var_n, mean_n, scratch = _spatial_moments(x)
+    scale, shift, *aux = affine_fn(var_n, mean_n, *params)
+    return (_scale_shift(x, scale, shift, out=scratch), *aux)
 
 
 def _autocast_off(x: Tensor):
@@ -154,24 +253,29 @@ class _ModeMixtureBase(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point input, got {x.dtype}")
 
-    def _mix_and_affine(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        """Return ``weight * (x * a - b) + bias`` in one elementwise pass, in ``x``'s dtype.
+    def _fold_affine(
+        self, a: Tensor, b: Tensor, weight: Tensor | None, bias: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-(sample, channel) ``(scale, shift)`` of ``weight * (x * a - b) + bias``.
 
         Args:
-            x: input (N, C, H, W), any memory format (the output keeps it).
             a: (N, C) sum over modes of gate / std.
             b: (N, C) sum over modes of gate * mean / std.
+            weight: (C,) affine scale, or None.
+            bias: (C,) affine shift, or None.
         """
-        if self.affine:
-            w = self.weight.to(a.dtype)
-            scale, shift = w * a, self.bias.to(a.dtype) - w * b
-        else:
-            scale, shift = a, -b
-        return _ScaleShift.apply(x, scale, shift)
+        if weight is None:
+            return a, -b
+        w = weight.to(a.dtype)
+        return w * a, bias.to(a.dtype) - w * b
 
-    def _gate_logits(self, inputs: Tensor) -> Tensor:
-        """Apply the gate Psi (``self.gate``, an ``nn.Linear``) in the statistics' dtype."""
-        return F.linear(inputs, self.gate.weight.to(inputs.dtype), self.gate.bias.to(inputs.dtype))
+    def _gate_logits(self, inputs: Tensor, gate_w: Tensor, gate_b: Tensor) -> Tensor:
+        """Apply the gate Psi (an affine map with ``gate_w``, ``gate_b``) in the statistics' dtype."""
+        return F.linear(inputs, gate_w.to(inputs.dtype), gate_b.to(inputs.dtype))
+
+    def _params(self) -> tuple[Tensor | None, ...]:
+        """The tensors the mode arithmetic differentiates: gate weight and bias, affine weight and bias."""
+        return self.gate.weight, self.gate.bias, self.weight, self.bias
 
 
 @register_norm(
@@ -267,20 +371,30 @@ class ModeNorm2d(_ModeMixtureBase):
         self._check_input(x)
         with _autocast_off(x):
             if self.training:
-                var_n, mean_n = _SpatialMoments.apply(x)  # (N, C) each
-            else:
-                mean_n = x.mean(dim=(2, 3), dtype=_stat_dtype(x))
-            gates = torch.softmax(self._gate_logits(mean_n), dim=1)  # (N, K)
-            if self.training:
-                mu, var, mass = self._batch_estimators(gates, mean_n, var_n)
+                y, mu, var, mass = _per_sample_norm(x, self._train_scale_shift, *self._params())
                 self._update_running(mu, var, mass, x.size(2) * x.size(3))
-            else:
-                mu = self.running_mean.to(mean_n.dtype)
-                var = self.running_var.to(mean_n.dtype)
-            inv_std = torch.rsqrt(var + self.eps)  # (K, C)
-            a = gates @ inv_std  # (N, C)
-            b = gates @ (mu * inv_std)
-            return self._mix_and_affine(x, a, b)
+                return y
+            mean_n = x.mean(dim=(2, 3), dtype=_stat_dtype(x))
+            gates = torch.softmax(self._gate_logits(mean_n, self.gate.weight, self.gate.bias), dim=1)
+            scale, shift = self._mix(gates, self.running_mean.to(mean_n.dtype),
+                                     self.running_var.to(mean_n.dtype), self.weight, self.bias)
+            if torch.is_grad_enabled():  # autograd through the scale/shift (rare in evaluation)
+                return torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, scale.to(x.dtype)[:, :, None, None])
+            return _scale_shift(x, scale, shift)
+
+    def _train_scale_shift(self, var_n: Tensor, mean_n: Tensor, gate_w: Tensor, gate_b: Tensor,
+                           weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, ...]:
+        """Alg. 1 on the (N, C) moments: ``(scale, shift, mu, var, mass)`` (see ``_per_sample_norm``)."""
+        gates = torch.softmax(self._gate_logits(mean_n, gate_w, gate_b), dim=1)  # (N, K)
+        mu, var, mass = self._batch_estimators(gates, mean_n, var_n)
+        scale, shift = self._mix(gates, mu, var, weight, bias)
+        return scale, shift, mu, var, mass
+
+    def _mix(self, gates: Tensor, mu: Tensor, var: Tensor, weight: Tensor | None,
+             bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(N, C) ``scale``/``shift`` of Eq. 2 from (N, K) gates and (K, C) mode estimators."""
+        inv_std = torch.rsqrt(var + self.eps)  # (K, C)
+        return self._fold_affine(gates @ inv_std, gates @ (mu * inv_std), weight, bias)
 
     @staticmethod
     def _batch_estimators(
@@ -385,16 +499,20 @@ class ModeGroupNorm2d(_ModeMixtureBase):
         """Normalize every sample of ``x`` (N, C, H, W) with its own gated channel modes."""
         self._check_input(x)
         with _autocast_off(x):
-            var_c, mean_c = _SpatialMoments.apply(x)  # (N, C) each
-            gates = torch.softmax(self._gate_logits(mean_c.unsqueeze(2)), dim=2)  # (N, C, K)
-            mass = gates.sum(dim=1).clamp_min(_MIN_MASS)  # (N, K)
-            mu = torch.einsum("nck,nc->nk", gates, mean_c) / mass  # (N, K)
-            spread = var_c.unsqueeze(2) + (mean_c.unsqueeze(2) - mu.unsqueeze(1)).square()
-            var = ((gates * spread).sum(dim=1) / mass).clamp_min(0.0)  # (N, K)
-            inv_std = torch.rsqrt(var + self.eps)
-            a = torch.bmm(gates, inv_std.unsqueeze(2)).squeeze(2)  # (N, C)
-            b = torch.bmm(gates, (mu * inv_std).unsqueeze(2)).squeeze(2)
-            return self._mix_and_affine(x, a, b)
+            return _per_sample_norm(x, self._scale_shift, *self._params())[0]
+
+    def _scale_shift(self, var_c: Tensor, mean_c: Tensor, gate_w: Tensor, gate_b: Tensor,
+                     weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Eq. 5 on the (N, C) moments: per-(sample, channel) ``(scale, shift)``."""
+        gates = torch.softmax(self._gate_logits(mean_c.unsqueeze(2), gate_w, gate_b), dim=2)  # (N, C, K)
+        mass = gates.sum(dim=1).clamp_min(_MIN_MASS)  # (N, K)
+        mu = torch.einsum("nck,nc->nk", gates, mean_c) / mass  # (N, K)
+        spread = var_c.unsqueeze(2) + (mean_c.unsqueeze(2) - mu.unsqueeze(1)).square()
+        var = ((gates * spread).sum(dim=1) / mass).clamp_min(0.0)  # (N, K)
+        inv_std = torch.rsqrt(var + self.eps)
+        a = torch.bmm(gates, inv_std.unsqueeze(2)).squeeze(2)  # (N, C)
+        b = torch.bmm(gates, (mu * inv_std).unsqueeze(2)).squeeze(2)
+        return self._fold_affine(a, b, weight, bias)
 
     def extra_repr(self) -> str:
         return (

@@ -228,9 +228,11 @@ def run_ray(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> Non
     recover_interrupted(study)
     failures = FailureLimit(study, cfg.search.max_failures)
     run_dir = cfg.resolved_run_dir().resolve()
-    run_cfg = cfg
+    # Ray runs each trial in its own working directory: workers get absolute paths
+    data = cfg.data.model_copy(update={"root": str(Path(cfg.data.root).expanduser().resolve())})
+    run_cfg = cfg.model_copy(update={"run_dir": str(run_dir), "data": data})
     if rc.gpus_per_trial > 0 and cfg.train.device == "auto":  # a trial given a GPU trains on it
-        run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})
+        run_cfg = run_cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})
     trainable = tune.with_resources(
         tune.with_parameters(ray_trainable, run_config=run_cfg.model_dump(mode="json"), space=space),
         {"cpu": rc.cpus_per_trial, "gpu": rc.gpus_per_trial},
