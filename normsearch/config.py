@@ -127,7 +127,15 @@ class TrainConfig(_Strict):
         grad_clip: clip the gradient norm to this value (``None`` = no clipping).
         compile: wrap the model in ``torch.compile`` (default mode, ``dynamic=False``) for
             training and evaluation; a compilation error falls back to eager with one warning.
-            ``auto`` = on for CUDA, off on CPU. COMPILE_NUMBERS_PLACEHOLDER
+            ``auto`` = compile a fit of at least 2000 planned steps (epochs x steps per epoch) on
+            CPU, 5000 on CUDA (``normsearch.train.COMPILE_MIN_STEPS``), else eager. On CPU a
+            short trial loses (``scripts/bench_compile.py``; ResNet-20, batch 128, 1 thread,
+            channels_last, cold inductor cache, loaded 2-core machine): all-BatchNorm compiles
+            in ~66 s (train + eval graphs) and then saves ~16% per step (400 -> 337 ms),
+            break-even after ~1000 steps; all-ModeNorm (K=2) compiles in ~98 s and saves ~35%
+            (554 -> 362 ms), break-even after ~500 steps; a quick-start trial has ~190 steps
+            (eager 76 s vs compiled 130 s for BatchNorm). The CUDA threshold is an estimate (no
+            GPU measurement yet): compile time is similar there and a step saves milliseconds.
     """
 
     epochs: int = Field(1, ge=1)

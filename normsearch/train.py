@@ -12,14 +12,21 @@ autocast and ``torch.compile`` (``TrainConfig.compile``; the compiled wrapper on
 forward, the original module keeps its parameters, state_dict keys and hooks), and no per-step host
 synchronization on accelerators (losses and correct counts are accumulated as tensors and read
 once per epoch; divergence is checked every step on CPU, where reading a scalar is free, and on
-the first steps plus every ``_ACCEL_CHECK_EVERY`` steps elsewhere).
+the first steps plus every ``_ACCEL_CHECK_EVERY`` steps elsewhere). On CPU the Trainer also asks
+glibc's malloc to keep freed memory (:func:`keep_freed_memory`): a training step frees and
+reallocates megabytes of activations, and memory handed back to the OS costs a page fault per
+4 KiB when touched again (ResNet-20 steps measured 5-17% faster, most for normalizers with large
+temporaries such as MixtureNorm).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import random
+import sys
 import time
 import warnings
 from bisect import bisect_right
@@ -35,8 +42,8 @@ from .config import ScheduleConfig, TrainConfig
 from .norms.standardization import StandardizationLossTap
 
 __all__ = [
-    "TIMING_WARMUP_STEPS", "CompiledForward", "EpochLRFactor", "EpochReport", "FitResult", "Trainer",
-    "TrialDiverged", "resolve_device", "set_seed",
+    "COMPILE_MIN_STEPS", "TIMING_WARMUP_STEPS", "CompiledForward", "EpochLRFactor", "EpochReport", "FitResult", "Trainer",
+    "TrialDiverged", "keep_freed_memory", "resolve_device", "set_seed",
 ]
 
 #: Steps at the start of each ``fit`` excluded from ``step_time_s``/``images_per_s`` (allocator,
@@ -47,6 +54,14 @@ _ACCEL_EARLY_CHECKS = 3
 _ACCEL_CHECK_EVERY = 50
 # Warm-up starts at this fraction of the base learning rate (ScheduleConfig.warmup_epochs).
 _WARMUP_START_FACTOR = 0.1
+# glibc mallopt parameters (malloc.h) and the values keep_freed_memory sets: blocks up to 32 MiB
+# come from the heap, and the heap is never trimmed below 2 GiB of free space.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_BYTES, _TRIM_THRESHOLD_BYTES = 32 << 20, (1 << 31) - 1
+_freed_memory_kept = False
+# TrainConfig.compile="auto" compiles a fit of at least this many planned training steps
+# (epochs x steps per epoch), per device type; see TrainConfig's docstring for the measurements.
+COMPILE_MIN_STEPS = {"cpu": 2000, "cuda": 5000}
 
 ReportFn = Callable[["EpochReport"], Optional[bool]]
 
@@ -150,6 +165,31 @@ def resolve_device(spec: Union[str, torch.device]) -> torch.device:
                 f"device: {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s)"
             )
     return device
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process for reuse (Linux; once per process).
+
+    Sets ``M_MMAP_THRESHOLD`` to 32 MiB (blocks below it come from the heap, not from a fresh
+    ``mmap`` each time) and ``M_TRIM_THRESHOLD`` to 2 GiB (freed heap memory is not returned to the
+    OS), the in-process form of the ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``
+    environment variables. The process keeps its peak heap size. Elsewhere (other C libraries,
+    other systems) nothing happens.
+
+    Returns:
+        ``True`` when the settings are (already) in effect.
+    """
+    global _freed_memory_kept
+    if _freed_memory_kept or not sys.platform.startswith("linux"):
+        return _freed_memory_kept
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    _freed_memory_kept = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
+    )
+    return _freed_memory_kept
 
 
 def set_seed(seed: int) -> None:
@@ -276,8 +316,9 @@ class Trainer:
         device: the resolved device.
         channels_last: whether the model and inputs use ``torch.channels_last``.
         amp: whether bf16 autocast is on.
-        compile: whether the forward runs through ``torch.compile`` (``cfg.compile``; ``auto`` =
-            CUDA only, see :class:`normsearch.config.TrainConfig`).
+        compile: whether the forward runs through ``torch.compile`` (``cfg.compile``; with
+            ``auto`` it is decided by :meth:`fit` from the planned number of steps and
+            :data:`COMPILE_MIN_STEPS`, and is ``False`` until then).
 
     Raises:
         ValueError: negative ``std_loss_weight``, or a bad device.
@@ -307,10 +348,18 @@ class Trainer:
         self.model = model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.compile = self.device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
-        self._forward: Callable[[torch.Tensor], torch.Tensor] = (
-            CompiledForward(self.model) if self.compile else self.model
-        )
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.compile = False
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if cfg.compile != "auto":
+            self._use_compile(bool(cfg.compile))
+
+    def _use_compile(self, on: bool) -> None:
+        """Route the forward through :class:`CompiledForward` (``on``) or the eager model."""
+        if on != self.compile:
+            self.compile = on
+            self._forward = CompiledForward(self.model) if on else self.model
 
     def _prepare(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=True)
@@ -395,6 +444,8 @@ class Trainer:
         if len(train_loader) == 0:
             raise ValueError("train_loader is empty")
         steps = min(cfg.steps_per_epoch or len(train_loader), len(train_loader))
+        if cfg.compile == "auto":
+            self._use_compile(cfg.epochs * steps >= COMPILE_MIN_STEPS.get(self.device.type, math.inf))
         optimizer = self._make_optimizer()
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, EpochLRFactor(cfg.schedule, cfg.epochs)

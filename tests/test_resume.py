@@ -75,8 +75,6 @@ def test_sigkill_then_resume(backend, tmp_path):
         except ProcessLookupError:
             pass
         proc.wait()
-    if backend == "ray":
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
     before = snapshot(load(tmp_path))
     killed = [t.number for t in load(tmp_path).trials if t.state == TrialState.RUNNING]
     assert before and killed

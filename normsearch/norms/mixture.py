@@ -57,16 +57,26 @@ def _from_k_major(nu_kp: Tensor, n: int) -> Tensor:
     return nu_kp.view(nu_kp.shape[0], n, -1).permute(1, 2, 0)
 
 
-def _spread(s: Tensor, nu: Tensor, cl: bool, out: Tensor | None = None) -> Tensor:
+def _spread(s: Tensor, nu: Tensor, cl: bool, out: Tensor | None = None, accumulate: bool = False) -> Tensor:
     """``sum_k nu[.., k, ..] s[k, c]``: (K, C) per-component values, posteriors -> pixel layout.
 
     Args:
-        out: optional contiguous tensor of the result's shape to write into.
+        out: optional contiguous tensor of the result's shape to write into (no allocation).
+        accumulate: add the result to ``out`` in place instead of overwriting it.
     """
+    n = nu.shape[0]
     if cl:
-        flat = None if out is None else out.view(-1, s.shape[1])
-        return torch.mm(_k_major(nu).T, s, out=flat).view(nu.shape[0], nu.shape[1], s.shape[1])
-    return torch.bmm(s.T.expand(nu.shape[0], -1, -1), nu, out=out)
+        shape = (n, nu.shape[1], s.shape[1])
+        if out is None:
+            return torch.mm(_k_major(nu).T, s).view(shape)
+        flat = out.view(-1, s.shape[1])
+        if accumulate:
+            return flat.addmm_(_k_major(nu).T, s).view(shape)
+        return torch.mm(_k_major(nu).T, s, out=flat).view(shape)
+    weights = s.T.expand(n, -1, -1)
+    if accumulate and out is not None:
+        return out.baddbmm_(weights, nu)
+    return torch.bmm(weights, nu, out=out)
 
 
 def _moment(x: Tensor, nu: Tensor, cl: bool) -> Tensor:
@@ -117,8 +127,9 @@ class _MixtureNormalize(torch.autograd.Function):
     ``dE1 = (-s G - 2 E1 dvar) / mass``, ``dvar = -0.5 s (H - E1 G) / (var + eps)``,
     ``dx = g (nu @ s) + nu @ dE1 + 2 x (nu @ (dvar / mass))``,
     ``dgamma = sum_k (s/gamma) (H - E1 G)``, ``dbeta = sum_k G``. Checked against autograd in the tests.
-    The full-size ``nu @ s`` of the forward is kept for the backward; the other full-size
-    temporaries are reused in place.
+    The full-size ``nu @ s`` of the forward is kept for the backward; the backward builds ``dx``
+    in place in the buffer of ``x * g`` (accumulating matrix products), so it allocates one
+    full-size tensor.
     """
 
     @staticmethod
@@ -152,9 +163,10 @@ class _MixtureNormalize(torch.autograd.Function):
         s = scale if weight is None else scale * weight
         d_var = torch.where(unclamped, -0.5 * s * centred / (var + ctx.eps), torch.zeros_like(var))
         d_e1 = (-s * g_sum - 2.0 * mean * d_var) / mass.unsqueeze(1)
-        reuse = xg if xg.is_contiguous() and xg.dtype == x.dtype else None
-        q = _spread(2.0 * d_var / mass.unsqueeze(1), nu, cl, out=reuse)
-        grad_x = _spread(d_e1, nu, cl).addcmul_(x, q).addcmul_(grad_y, spread_s)
+        # dx = x * (nu @ q) + g * (nu @ s) + nu @ dE1, built in the buffer of x * g (one allocation).
+        buf = xg if xg.is_contiguous() and xg.dtype == x.dtype else None
+        grad_x = _spread(2.0 * d_var / mass.unsqueeze(1), nu, cl, out=buf).mul_(x).addcmul_(grad_y, spread_s)
+        grad_x = _spread(d_e1, nu, cl, out=grad_x, accumulate=True)
         return grad_x, None, None, None, grad_weight, grad_bias, None, None
 
 
