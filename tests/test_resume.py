@@ -92,5 +92,7 @@ def test_sigkill_then_resume(backend, tmp_path):
         retries = [t for t in study.trials if t.user_attrs.get(ATTR_RETRY_OF) == n]
         assert len(retries) == 1 and retries[0].params == by_number[n].params
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    print(f"kill-and-resume [{backend}]: {len(before)} finished before the kill, {len(killed)} cut off, "
+          f"{len(after)} finished after resuming, 0 lost, 0 run twice")
     # nothing ran twice: every finished trial, retries aside, is a distinct new trial number
     assert len({t.number for t in study.trials}) == len(study.trials)

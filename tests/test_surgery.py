@@ -24,13 +24,6 @@ from normsearch.surgery import (
 RESNET20_LABELS = ["bn1"] + [f"layer{s}.{b}.bn{i}" for s in (1, 2, 3) for b in range(3) for i in (1, 2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded machine two spinning OpenMP threads are ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def resnet20() -> nn.Module:

@@ -17,13 +17,6 @@ ALL_MODELS = ["lenet", "mixn_cnn", "resnet20", "resnet32", "resnet56", "sl_cnn",
 INPUTS = [(1, 28), (3, 32)]  # (channels, side): Fashion-MNIST, CIFAR
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded machine two spinning OpenMP threads are ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class RecordingNorm:

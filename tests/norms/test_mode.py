@@ -99,18 +99,22 @@ def _bn_pair(momentum):
     return mn, bn
 
 
+def _assert_same_outputs_and_input_grads(a, b, x):
+    """``a(x) == b(x)`` and equal input gradients for one random output gradient (to TOL)."""
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = a(x1), b(x2)
+    torch.testing.assert_close(y1, y2, **TOL)
+    grad = torch.randn_like(y1)
+    y1.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, **TOL)
+
+
 @pytest.mark.parametrize("momentum", [0.1, 0.7, None])
 def test_k1_equals_batchnorm_train_and_eval(momentum):
     mn, bn = _bn_pair(momentum)
     for step in range(4):
-        x = _inputs(6, 5, 4, 3, seed=step)
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y1, y2 = mn(x1), bn(x2)
-        torch.testing.assert_close(y1, y2, **TOL)
-        grad = torch.randn_like(y1)
-        y1.backward(grad)
-        y2.backward(grad)
-        torch.testing.assert_close(x1.grad, x2.grad, **TOL)
+        _assert_same_outputs_and_input_grads(mn, bn, _inputs(6, 5, 4, 3, seed=step))
         torch.testing.assert_close(mn.weight.grad, bn.weight.grad, **TOL)
         torch.testing.assert_close(mn.bias.grad, bn.bias.grad, **TOL)
     torch.testing.assert_close(mn.running_mean[0], bn.running_mean, **TOL)
@@ -201,14 +205,7 @@ def test_modegroupnorm_k1_equals_groupnorm_one_group():
     with torch.no_grad():
         gn.weight.copy_(layer.weight)
         gn.bias.copy_(layer.bias)
-    x = _inputs(5, 4, 3, 3, seed=9)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = layer(x1), gn(x2)
-    torch.testing.assert_close(y1, y2, **TOL)
-    grad = torch.randn_like(y1)
-    y1.backward(grad)
-    y2.backward(grad)
-    torch.testing.assert_close(x1.grad, x2.grad, **TOL)
+    _assert_same_outputs_and_input_grads(layer, gn, _inputs(5, 4, 3, 3, seed=9))
 
 
 # ----------------------------------------------------------------------------- gradcheck
