@@ -320,7 +320,7 @@ def plot_mode_gates(gates: Mapping[str, np.ndarray], path: Path, *, title: str =
         hx.hist(g.max(axis=1), bins=np.linspace(0, 1, 21), histtype="step", lw=1.5, density=True,
                 color=f"C{i % 10}", label=f"{lab} (K={g.shape[1]})")
     hx.set_xlim(0, 1.02)
-    hx.set_xlabel("largest gate of a sample (1 = one mode only)")
+    hx.set_xlabel("largest gate per sample\n(1 = a single mode)")
     hx.set_ylabel("density")
     hx.set_title("how decisive the gates are", fontsize=9)
     hx.legend(fontsize=7)
