@@ -129,13 +129,13 @@ class TrainConfig(_Strict):
             training and evaluation; a compilation error falls back to eager with one warning.
             ``auto`` = compile a fit of at least 2000 planned steps (epochs x steps per epoch) on
             CPU, 5000 on CUDA (``normsearch.train.COMPILE_MIN_STEPS``), else eager. On CPU a
-            short trial loses (``scripts/bench_compile.py``; ResNet-20, batch 128, 1 thread,
-            channels_last, cold inductor cache, loaded 2-core machine): all-BatchNorm compiles
-            in ~66 s (train + eval graphs) and then saves ~16% per step (400 -> 337 ms),
-            break-even after ~1000 steps; all-ModeNorm (K=2) compiles in ~98 s and saves ~35%
-            (554 -> 362 ms), break-even after ~500 steps; a quick-start trial has ~190 steps
-            (eager 76 s vs compiled 130 s for BatchNorm). The CUDA threshold is an estimate (no
-            GPU measurement yet): compile time is similar there and a step saves milliseconds.
+            short trial loses (``scripts/bench_compile.py``, 3 runs; ResNet-20, batch 128, 1
+            thread, channels_last, loaded 2-core machine): all-BatchNorm compiles in 38-66 s
+            (train + eval graphs) and then saves 16-22% per step (~400 -> ~320 ms), break-even
+            after 420-1040 steps; all-ModeNorm (K=2) compiles in 51-100 s and saves 11-35%,
+            break-even after 350-1960 steps. A quick-start trial has ~190 steps (BatchNorm:
+            eager 75-80 s, compiled 101-130 s). The CUDA threshold is an estimate (no GPU
+            measurement yet): compile time is similar there and a step saves milliseconds.
     """
 
     epochs: int = Field(1, ge=1)

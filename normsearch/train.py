@@ -42,8 +42,8 @@ from .config import ScheduleConfig, TrainConfig
 from .norms.standardization import StandardizationLossTap
 
 __all__ = [
-    "COMPILE_MIN_STEPS", "TIMING_WARMUP_STEPS", "CompiledForward", "EpochLRFactor", "EpochReport", "FitResult", "Trainer",
-    "TrialDiverged", "keep_freed_memory", "resolve_device", "set_seed",
+    "COMPILE_MIN_STEPS", "TIMING_WARMUP_STEPS", "CompiledForward", "EpochLRFactor", "EpochReport",
+    "FitResult", "Trainer", "TrialDiverged", "keep_freed_memory", "resolve_device", "set_seed",
 ]
 
 #: Steps at the start of each ``fit`` excluded from ``step_time_s``/``images_per_s`` (allocator,

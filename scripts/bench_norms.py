@@ -14,6 +14,12 @@ normalizers alike; the figure is the median over rounds. Ratios are to all-Batch
 the same run and format. Targets (ResNet-20 step time / BN): ModeNorm <= 1.10, ModeGroupNorm <=
 1.15, SwitchNorm <= 1.15, MixtureNorm <= 1.6. Timings are printed, never asserted.
 
+``--keep-freed-memory`` applies the allocator setting the Trainer uses on CPU
+(:func:`normsearch.train.keep_freed_memory`: glibc keeps freed memory instead of returning it to
+the OS), so the figures match what trials see; without it the process runs with glibc's defaults,
+under which every normalizer pays page faults for its fresh temporaries, the ones with large
+temporaries (MixtureNorm, ModeNorm) more than BatchNorm.
+
 Normalizers are given as comma-separated ``name`` or ``name:key=value:key=value`` items (values
 parsed as Python literals). Names not registered (yet) or kwargs a layer rejects are skipped with
 a note, as is a normalizer that raises while being built or warmed up.
@@ -21,7 +27,7 @@ a note, as is a normalizer that raises while being built or warmed up.
 Usage:
     python scripts/bench_norms.py [--device auto] [--threads N] [--steps 10] [--warmup 3]
         [--repeats 5] [--batch-size 128] [--norms batchnorm,mixturenorm:num_components=3:em_iters=2]
-        [--formats contiguous,channels_last] [--csv PATH] [--quick]
+        [--formats contiguous,channels_last] [--csv PATH] [--quick] [--keep-freed-memory]
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from torch.nn import functional as F
 
 from normsearch.models import create_model
 from normsearch.norms import create_norm_layer, list_norms
+from normsearch.train import keep_freed_memory
 
 DEFAULT_NORMS = (
     "batchnorm,groupnorm,layernorm,instancenorm,modenorm:num_components=2,"
@@ -239,6 +246,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--formats", default="contiguous,channels_last", help=f"subset of {','.join(FORMATS)}")
     p.add_argument("--csv", default=None, metavar="PATH", help="also write all rows to this CSV file")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 8, 1 warm-up, 1 step, 2 rounds")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="the Trainer's CPU allocator setting (normsearch.train.keep_freed_memory)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size, args.warmup, args.steps, args.repeats = 8, 1, 1, 2
@@ -261,13 +270,15 @@ def main(argv: list[str] | None = None) -> None:
         else torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     choices, notes = usable(args.norms)
     bench = Bench(device, args.warmup, args.steps, args.repeats, notes)
     setting = (f"device {device}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-               f"median of {args.repeats} rounds x {args.steps} steps after {args.warmup} warm-up")
+               f"median of {args.repeats} rounds x {args.steps} steps after {args.warmup} warm-up, "
+               f"malloc {'keeps freed memory' if kept else 'defaults'}")
 
     model_s = bench.median_seconds(build_cases(choices, args.formats, args.batch_size, device, TrainStep))
     layer_s = bench.median_seconds(build_cases(choices, args.formats, args.batch_size, device, layer_step))

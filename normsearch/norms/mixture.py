@@ -372,7 +372,8 @@ class MixtureNorm2d(nn.Module):
         with torch.no_grad():
             x_sq = x.square()
             nu, gmm = self.fit_posteriors(x, x_sq, cl)
-            mass = (_k_major(nu).sum(1) if cl else nu.sum((0, 2))).clamp_min(torch.finfo(x.dtype).tiny)  # (K,)
+            mass = _k_major(nu).sum(1) if cl else nu.sum((0, 2))
+            mass = mass.clamp_min(torch.finfo(x.dtype).tiny)  # (K,)
         weight = self.weight.to(x.dtype) if self.affine else None
         bias = self.bias.to(x.dtype) if self.affine else None
         y, means, var = _MixtureNormalize.apply(x, x_sq, nu, mass, weight, bias, self.eps, cl)

@@ -386,8 +386,9 @@ class ModeNorm2d(_ModeMixtureBase):
             gates = torch.softmax(self._gate_logits(mean_n, self.gate.weight, self.gate.bias), dim=1)
             scale, shift = self._mix(gates, self.running_mean.to(mean_n.dtype),
                                      self.running_var.to(mean_n.dtype), self.weight, self.bias)
-            if torch.is_grad_enabled():  # autograd through the scale/shift (rare in evaluation)
-                return torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, scale.to(x.dtype)[:, :, None, None])
+            if torch.is_grad_enabled() or torch.compiler.is_compiling():  # plain differentiable ops
+                s, b = scale.to(x.dtype)[:, :, None, None], shift.to(x.dtype)[:, :, None, None]
+                return torch.addcmul(b, x, s)
             return _scale_shift(x, scale, shift)
 
     def _train_scale_shift(self, var_n: Tensor, mean_n: Tensor, gate_w: Tensor, gate_b: Tensor,

@@ -1,0 +1,166 @@
+"""Tests for the Trainer's speed settings: ``TrainConfig.compile`` (the ``torch.compile`` wrapper and
+its eager fallback) and :func:`normsearch.train.keep_freed_memory` (glibc malloc settings on CPU).
+
+Real inductor compilation takes tens of seconds on CPU, so the default tests trace with dynamo's
+``eager`` backend (graph capture without code generation): that runs the compile-time code paths
+of the normalizers (``torch.compiler.is_compiling()`` is true while tracing) at a few seconds'
+cost. One ``slow`` test compiles for real.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import normsearch.train as train_mod
+from normsearch.config import TrainConfig
+from normsearch.norms import ModeGroupNorm2d, ModeNorm2d
+from normsearch.train import CompiledForward, Trainer
+
+
+def _cfg(**overrides) -> TrainConfig:
+    base = dict(epochs=2, steps_per_epoch=3, batch_size=16, eval_batch_size=24, device="cpu",
+                optimizer=dict(lr=0.05, momentum=0.9, weight_decay=0.0), schedule=dict(kind="constant"))
+    return TrainConfig.model_validate({**base, **overrides})
+
+
+def _data(n: int, seed: int, batch_size: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = y.view(n, 1, 1, 1).float() + torch.randn(n, 2, 6, 6, generator=g)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+class _ModeNet(nn.Module):
+    """conv -> ModeNorm -> ReLU -> conv -> ModeGroupNorm -> pool -> linear (both MN code paths)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.mn = nn.Conv2d(2, 6, 3, padding=1), ModeNorm2d(6, num_components=2)
+        self.conv2, self.mgn = nn.Conv2d(6, 6, 3, padding=1), ModeGroupNorm2d(6, num_components=2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.mn(self.conv1(x)))
+        return self.head(self.mgn(self.conv2(h)).mean(dim=(2, 3)))
+
+
+def _fit(compile_setting, channels_last=False):
+    torch.manual_seed(0)
+    model = _ModeNet()
+    trainer = Trainer(model, _cfg(compile=compile_setting, channels_last=channels_last))
+    result = trainer.fit(_data(48, 0, 16), _data(24, 1, 24))
+    return trainer, result, model
+
+
+def test_true_wraps_the_model_and_false_does_not():
+    off = Trainer(_ModeNet(), _cfg(compile=False))
+    assert off.compile is False and off._forward is off.model
+    on = Trainer(_ModeNet(), _cfg(compile=True))
+    assert on.compile is True and isinstance(on._forward, CompiledForward) and on._forward.model is on.model
+
+
+@pytest.mark.parametrize("min_steps, expected", [(7, False), (6, True)])
+def test_auto_compiles_only_fits_of_enough_planned_steps(monkeypatch, min_steps, expected):
+    """``auto``: 2 epochs x 3 steps = 6 planned steps against the CPU threshold."""
+    compile_fn = torch.compile
+    monkeypatch.setattr(train_mod.torch, "compile", lambda m, **kw: compile_fn(m, backend="eager", **kw))
+    monkeypatch.setitem(train_mod.COMPILE_MIN_STEPS, "cpu", min_steps)
+    trainer = Trainer(_ModeNet(), _cfg())
+    assert trainer.compile is False  # decided by fit
+    trainer.fit(_data(48, 0, 16), _data(24, 1, 24))
+    assert trainer.compile is expected and isinstance(trainer._forward, CompiledForward) is expected
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_dynamo_traced_training_matches_eager(monkeypatch, channels_last):
+    """Same losses, accuracies and final weights through the traced graph as eagerly.
+
+    Tracing takes the normalizers' plain-op branch (``_reference_norm``), eager mode their fused
+    kernels: the two agree to float rounding, which a few SGD steps keep small.
+    """
+    _, eager, eager_model = _fit(False, channels_last)
+    calls, compile_fn = [], torch.compile
+
+    def traced(model, **kwargs):
+        calls.append(kwargs)
+        return compile_fn(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(train_mod.torch, "compile", traced)
+    trainer, compiled, compiled_model = _fit(True, channels_last)
+    assert calls == [{"dynamic": False}]
+    assert trainer._forward.compiled is not None  # no fallback happened
+    for a, b in zip(eager.history, compiled.history):
+        assert a.val_acc == pytest.approx(b.val_acc, abs=1e-6)
+        assert a.val_loss == pytest.approx(b.val_loss, rel=1e-4)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
+    for (name, p), q in zip(eager_model.state_dict().items(), compiled_model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compile_failure_warns_once_and_trains_eagerly(monkeypatch):
+    _, eager, eager_model = _fit(False)
+    calls = []
+
+    def broken(model, **kwargs):
+        def run(*args):
+            calls.append(1)
+            raise RuntimeError("backend exploded\nsecond line")
+        return run
+
+    monkeypatch.setattr(train_mod.torch, "compile", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, result, model = _fit(True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert messages == ["torch.compile failed, training eagerly: RuntimeError: backend exploded"]
+    assert len(calls) == 1 and trainer._forward.compiled is None
+    assert [h.val_loss for h in result.history] == [h.val_loss for h in eager.history]
+    for p, q in zip(eager_model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_model_error_still_raises_after_fallback(monkeypatch):
+    """A genuine error of the model is not hidden: the eager retry raises it."""
+    monkeypatch.setattr(train_mod.torch, "compile", lambda model, **kw: model)
+    fwd = CompiledForward(_ModeNet())
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        with pytest.raises(ValueError, match="4-D"):
+            fwd(torch.randn(2, 4, 4))  # conv takes it unbatched, ModeNorm2d rejects it
+
+
+@pytest.mark.slow
+def test_inductor_compiled_modenorm_matches_eager():
+    """Real inductor compilation of the train and eval graphs of a small ModeNorm network."""
+    torch.manual_seed(0)
+    model = _ModeNet()
+    fwd = CompiledForward(model)
+    x, y = _data(16, 2, 16)[0]
+    ref = _ModeNet()
+    ref.load_state_dict(model.state_dict())
+    for net, run in ((model, fwd), (ref, ref)):
+        loss = F.cross_entropy(run(x), y)
+        loss.backward()
+    if fwd.compiled is None:
+        pytest.skip("torch.compile is not usable here (no working C++ toolchain?)")
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fwd(x), ref(x), rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(model.named_buffers(), ref.buffers()):  # running statistics
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt settings are glibc-only")
+def test_cpu_trainer_keeps_freed_memory_on_glibc():
+    Trainer(_ModeNet(), _cfg())
+    assert train_mod._freed_memory_kept is True
+    assert train_mod.keep_freed_memory() is True  # idempotent
