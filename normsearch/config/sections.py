@@ -1,23 +1,12 @@
-"""Run configuration: pydantic models for every section of a search-space YAML file.
-
-``load_config(path)`` reads a YAML file and returns a validated :class:`RunConfig`; any problem
-raises :class:`ConfigError` whose message is one line naming the YAML key path.
-"""
+"""Sections of a run configuration: data, training, model and the search space."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
-class _Strict(BaseModel):
-    """Base for all config sections: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
+from ._base import _Strict
 
 # --------------------------------------------------------------------------------------------
 # data
@@ -64,7 +53,7 @@ class DataConfig(_Strict):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        from .data import list_datasets  # lazy: data imports this module
+        from ..data import list_datasets  # lazy: data imports this module
 
         if v not in list_datasets():
             raise ValueError(f"unknown dataset {v!r}; valid: {', '.join(list_datasets())}")
@@ -287,221 +276,8 @@ class ModelConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        from .models import list_models  # lazy: keeps config importable on its own
+        from ..models import list_models  # lazy: keeps config importable on its own
 
         if v not in list_models():
             raise ValueError(f"unknown model {v!r}; valid: {', '.join(list_models())}")
         return v
-
-
-# --------------------------------------------------------------------------------------------
-# search, storage and the run
-
-
-class RayConfig(_Strict):
-    """Ray Tune settings for ``backend: ray``.
-
-    Attributes:
-        address: Ray cluster address (``auto``, ``ray://host:10001``); ``None`` = start a local Ray.
-        cpus_per_trial, gpus_per_trial: resources per trial (fractional GPUs allowed, e.g. 0.25).
-        max_concurrent_trials: cap on trials running at once (``None`` = as many as fit).
-        scheduler: ``asha`` (early stopping on validation accuracy) or ``fifo`` (none).
-        grace_period: epochs every trial runs before ASHA may stop it.
-        reduction_factor: ASHA's halving rate.
-    """
-
-    address: Optional[str] = None
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
-    max_concurrent_trials: Optional[int] = Field(None, ge=1)
-    scheduler: Literal["asha", "fifo"] = "asha"
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(3.0, gt=1)
-
-
-class EnasConfig(_Strict):
-    """ENAS settings for ``backend: enas`` (Pham et al., *Efficient Neural Architecture Search via
-    Parameter Sharing*, ICML 2018): shared-weight supernet + LSTM controller trained by REINFORCE.
-
-    Each supernet epoch trains the shared weights on the training set (one freshly sampled child
-    per batch), then the controller for ``controller_steps_per_epoch`` updates. After the last
-    epoch (or once ``search.timeout_s`` seconds have passed: no new epoch starts after it) the
-    controller's children are scored and the best ``top_k_retrain`` are trained from scratch as
-    ordinary trials of the study. See ``normsearch.search.enas``.
-
-    Attributes:
-        epochs: supernet epochs (``None`` = ``train.epochs``).
-        controller_steps_per_epoch: controller updates per epoch (0 = uniform sampling, i.e.
-            random search with weight sharing).
-        controller_batch: children sampled (and rewarded) per controller update.
-        recalibration_batches: training batches that re-estimate a child's running statistics
-            before it is evaluated (shared statistics mix all children).
-        num_final_samples: children sampled from the trained controller and scored on the whole
-            validation set (the greedy child is always added).
-        top_k_retrain: best-scored children retrained from scratch (``None`` = ``search.n_trials``).
-        hidden_size, tanh_constant, temperature, entropy_weight, baseline_decay: controller and
-            REINFORCE settings (``normsearch.search.controller.ControllerConfig``).
-        lr: controller Adam learning rate; default 1e-3 as in the ENAS authors' macro-search
-            script (fewer controller updates per epoch here than the paper's 3.5e-4 assumes).
-    """
-
-    epochs: Optional[int] = Field(None, ge=1)
-    controller_steps_per_epoch: int = Field(20, ge=0)
-    controller_batch: int = Field(5, ge=1)
-    recalibration_batches: int = Field(2, ge=1)
-    num_final_samples: int = Field(10, ge=0)
-    top_k_retrain: Optional[int] = Field(None, ge=1)
-    hidden_size: int = Field(64, ge=1)
-    tanh_constant: Optional[float] = Field(1.5, gt=0)
-    temperature: Optional[float] = Field(None, gt=0)
-    entropy_weight: float = Field(1e-4, ge=0)
-    baseline_decay: float = Field(0.99, ge=0, lt=1)
-    lr: float = Field(1e-3, gt=0)
-
-
-class SearchConfig(_Strict):
-    """How the space is searched.
-
-    Attributes:
-        backend: ``optuna`` (in-process study), ``ray`` (Ray Tune + OptunaSearch) or ``enas``.
-        n_trials: trials in the study (finished ones count, so a resumed run tops up).
-        timeout_s: stop starting new trials after this many seconds (``None`` = no limit).
-        sampler: ``tpe``, ``random`` or ``nsga2`` (multi-objective).
-        pruner: ``median``, ``hyperband`` or ``none`` (optuna backend; ray uses its scheduler).
-        sampler_seed: seed of the sampler (``None`` = the run seed).
-        max_failures: stop the study after this many failed trials.
-        ray: Ray Tune settings.
-        enas: ENAS settings.
-    """
-
-    backend: Literal["optuna", "ray", "enas"] = "optuna"
-    n_trials: int = Field(8, ge=1)
-    timeout_s: Optional[float] = Field(None, gt=0)
-    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
-    pruner: Literal["median", "hyperband", "none"] = "median"
-    sampler_seed: Optional[int] = None
-    max_failures: int = Field(5, ge=1)
-    objectives: list[Literal["val_acc", "step_time_s", "num_parameters"]] = ["val_acc"]
-    ray: RayConfig = RayConfig()
-    enas: EnasConfig = EnasConfig()
-
-    @field_validator("objectives")
-    @classmethod
-    def _accuracy_first(cls, v: list[str]) -> list[str]:
-        if not v or v[0] != "val_acc" or len(v) > 2 or len(set(v)) != len(v):
-            raise ValueError(f"objectives must be [val_acc] or [val_acc, step_time_s|num_parameters], got {v}")
-        return v
-
-
-class FinalConfig(_Strict):
-    """What happens after the search: evaluate the best trial's model on the test set."""
-
-    evaluate_test: bool = True
-    top_k: int = Field(5, ge=1)
-
-
-class RunConfig(_Strict):
-    """Everything ``normsearch run`` needs; one YAML file.
-
-    Attributes:
-        name: run and study name (default: the file's stem).
-        run_dir: where the study, trial weights and figures go (default ``runs/<name>``).
-        storage: Optuna storage URL (default ``sqlite:///<run_dir>/study.db``).
-    """
-
-    name: str = "normsearch"
-    run_dir: Optional[str] = None
-    storage: Optional[str] = None
-    seed: int = 0
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    space: SpaceConfig
-    search: SearchConfig = SearchConfig()
-    final: FinalConfig = FinalConfig()
-
-    def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir or f"runs/{self.name}").expanduser()
-
-    def resolved_storage(self) -> str:
-        if self.storage:
-            return self.storage
-        return f"sqlite:///{self.resolved_run_dir().resolve() / 'study.db'}"
-
-
-# --------------------------------------------------------------------------------------------
-# loading
-
-
-class ConfigError(ValueError):
-    """A configuration problem; ``str(err)`` is one line naming the file and YAML key path."""
-
-
-def _loc_to_path(loc: tuple[Any, ...]) -> str:
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif part in ("float", "RangeConfig", "str", "list[str]", "function-after[_ordered(), RangeConfig]"):
-            continue  # pydantic's union-member names are not YAML keys
-        else:
-            path += ("." if path else "") + str(part)
-    return path or "<top level>"
-
-
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line: ``source: key.path: message`` for the first error (+ how many more)."""
-    errors = err.errors()
-    first = errors[0]
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif first["type"] == "missing":
-        msg = "required key is missing"
-    msg = msg.removeprefix("Value error, ")
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return f"{source}: {_loc_to_path(tuple(first['loc']))}: {msg}{more}"
-
-
-def parse_config(raw: Any, source: str = "<config>", default_name: str = "normsearch") -> RunConfig:
-    """Validate an already-parsed YAML document.
-
-    Raises:
-        ConfigError: the document is not a mapping or fails validation.
-    """
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: <top level>: expected a mapping of sections, got {type(raw).__name__}")
-    raw = dict(raw)
-    raw.setdefault("name", default_name)
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
-
-
-def load_config(path: Union[str, Path]) -> RunConfig:
-    """Read and validate a run configuration YAML file.
-
-    Raises:
-        ConfigError: unreadable file, YAML syntax error (with line:column) or invalid content.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file ({err.strerror or err})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from None
-    if raw is None:
-        raise ConfigError(f"{path}: the file is empty")
-    return parse_config(raw, str(path), default_name=path.stem)
-
-
-def dump_config(cfg: RunConfig) -> str:
-    """YAML text of the fully resolved configuration (defaults filled in)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,39 @@
+"""Run configuration: pydantic models for every section of a search-space YAML file.
+
+``load_config(path)`` reads a YAML file and returns a validated :class:`RunConfig`; any problem
+raises :class:`ConfigError` whose message is one line naming the YAML key path.
+"""
+
+
+from .run import (
+    ConfigError,
+    EnasConfig,
+    FinalConfig,
+    RayConfig,
+    RunConfig,
+    SearchConfig,
+    dump_config,
+    format_validation_error,
+    load_config,
+    parse_config,
+)
+from .sections import (
+    AugmentConfig,
+    ChoiceConfig,
+    DataConfig,
+    LayerRuleConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RangeConfig,
+    ScheduleConfig,
+    SpaceConfig,
+    StdLossConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "AugmentConfig", "ChoiceConfig", "ConfigError", "DataConfig", "EnasConfig", "FinalConfig", "LayerRuleConfig",
+    "ModelConfig", "OptimizerConfig", "RangeConfig", "RayConfig", "RunConfig", "ScheduleConfig", "SearchConfig",
+    "SpaceConfig", "StdLossConfig", "TrainConfig", "dump_config", "format_validation_error", "load_config",
+    "parse_config",
+]
