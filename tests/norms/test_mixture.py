@@ -13,6 +13,14 @@ from torch import nn
 from normsearch.norms import MixtureNorm2d, create_norm_layer
 
 
+
+def _assert_same_grads(y, inputs, y_ref, inputs_ref, tol):
+    """Gradients of ``y`` and ``y_ref`` w.r.t. matching inputs agree for one random output gradient."""
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(y_ref, inputs_ref, g)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
 def _two_mode_batch(n: int = 6, c: int = 3, h: int = 4, w: int = 4, seed: int = 0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g, dtype=dtype)
@@ -76,11 +84,7 @@ def test_single_component_equals_batchnorm_in_training(kwargs, channels_last):
     bn.load_state_dict({**bn.state_dict(), "weight": ours.weight.detach(), "bias": ours.bias.detach()})
     y, y_bn = ours(xin), bn(x)
     torch.testing.assert_close(y, y_bn, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (x, ours.weight, ours.bias), g)
-    grads_bn = torch.autograd.grad(y_bn, (x, bn.weight, bn.bias), g)
-    for a, b in zip(grads, grads_bn):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same_grads(y, (x, ours.weight, ours.bias), y_bn, (x, bn.weight, bn.bias), tol=1e-5)
     # The queue stores BatchNorm's batch statistics (biased variance) for the one kept component.
     kept = int(ours.queue_norm_weights[0].argmax())
     assert ours.queue_norm_weights[0, kept] == 1
@@ -101,11 +105,7 @@ def test_two_components_match_reference_and_stop_gradient_at_posteriors():
     assert nu[:, 0].std() > 0.3, "posteriors should separate the two modes"
     ref = _reference_eq34(x, nu, layer.eps, layer.weight, layer.bias)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
-    grads_ref = torch.autograd.grad(ref, (x, layer.weight, layer.bias), g)
-    for a, b in zip(grads, grads_ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    _assert_same_grads(y, (x, layer.weight, layer.bias), ref, (x, layer.weight, layer.bias), tol=1e-10)
 
 
 @pytest.mark.parametrize("cl", [False, True], ids=["channels_first", "channels_last"])
