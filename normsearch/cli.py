@@ -47,7 +47,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = run(cfg, progress=not args.quiet)
     print_summary(summary, Console())
     finished = summary.states.get("COMPLETE", 0) + summary.states.get("PRUNED", 0)
-    if finished < cfg.search.n_trials and cfg.search.timeout_s is None:
+    # this process's own trials have all ended here: a RUNNING one belongs to another worker on the
+    # same storage, which stops this worker early on purpose (no overshoot of n_trials), not a failure
+    running = summary.states.get("RUNNING", 0)
+    if running and finished + running >= cfg.search.n_trials:
+        print(f"normsearch: {running} trial(s) still running in another worker on this storage")
+    elif finished < cfg.search.n_trials and cfg.search.timeout_s is None:
         failed = summary.states.get("FAIL", 0)
         print(
             f"normsearch: error: the study stopped with {finished} of {cfg.search.n_trials} trials finished "

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from normsearch.cli import main
-from normsearch.study import ATTR_FAIL_REASON, ATTR_RETRY_OF
+from normsearch.study import ATTR_FAIL_REASON, ATTR_RETRY_OF, ATTR_WORKER
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")]
@@ -84,3 +85,17 @@ def test_ctrl_c_leaves_a_resumable_study(tmp_path):
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
     retry = [t for t in trials if t.user_attrs.get(ATTR_RETRY_OF) == first.number]
     assert len(retry) == 1 and retry[0].params == first.params and retry[0].state == TrialState.COMPLETE
+
+
+def test_another_workers_running_trial_is_not_a_shortfall(tmp_path, capsys):
+    # two workers on one storage: a worker stops once finished + running trials reach n_trials, so it
+    # may end while the other's trial still runs; that is a clean stop (exit 0), not "stopped short"
+    cfg = write(tmp_path, "optimizer: {lr: 0.05}", "choices: [none]", "n_trials: 1")
+    assert main(["run", str(cfg), "--quiet"]) == 0
+    other = study_of(tmp_path).ask()  # a trial "running" in a live worker (this pytest process)
+    other.set_user_attr(ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}")
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--quiet", "--n-trials", "3"]) == 0
+    assert "1 trial(s) still running in another worker" in capsys.readouterr().out
+    states = [t.state for t in study_of(tmp_path).trials]
+    assert states.count(TrialState.COMPLETE) == 2 and states.count(TrialState.RUNNING) == 1, states
