@@ -42,7 +42,7 @@ class EnasConfig(_Strict):
 
     Each supernet epoch trains the shared weights on the training set (one freshly sampled child
     per batch), then the controller for ``controller_steps_per_epoch`` updates. After the last
-    epoch (or once ``search.timeout_s`` seconds have passed: no new epoch starts after it) the
+    epoch (or the last that fits in ``search.timeout_s`` seconds at the epochs' mean duration) the
     controller's children are scored and the best ``top_k_retrain`` are trained from scratch as
     ordinary trials of the study. See ``normsearch.search.enas``.
 
@@ -51,6 +51,8 @@ class EnasConfig(_Strict):
         controller_steps_per_epoch: controller updates per epoch (0 = uniform sampling, i.e.
             random search with weight sharing).
         controller_batch: children sampled (and rewarded) per controller update.
+        reward_batch_size: validation images per controller reward (``None`` = ``train.batch_size``,
+            as in ENAS, where a reward is one validation minibatch).
         recalibration_batches: training batches that re-estimate a child's running statistics
             before it is evaluated (shared statistics mix all children).
         num_final_samples: children sampled from the trained controller and scored on the whole
@@ -65,6 +67,7 @@ class EnasConfig(_Strict):
     epochs: Optional[int] = Field(None, ge=1)
     controller_steps_per_epoch: int = Field(20, ge=0)
     controller_batch: int = Field(5, ge=1)
+    reward_batch_size: Optional[int] = Field(None, ge=1)
     recalibration_batches: int = Field(2, ge=1)
     num_final_samples: int = Field(10, ge=0)
     top_k_retrain: Optional[int] = Field(None, ge=1)
@@ -82,7 +85,8 @@ class SearchConfig(_Strict):
     Attributes:
         backend: ``optuna`` (in-process study), ``ray`` (Ray Tune + OptunaSearch) or ``enas``.
         n_trials: trials in the study (finished ones count, so a resumed run tops up).
-        timeout_s: stop starting new trials after this many seconds (``None`` = no limit).
+        timeout_s: stop starting new trials after this many seconds (``None`` = no limit); for
+            ``enas``: no supernet epoch starts that would end after it (at their mean duration).
         sampler: ``tpe``, ``random`` or ``nsga2`` (multi-objective).
         pruner: ``median``, ``hyperband`` or ``none`` (optuna backend; ray uses its scheduler).
         sampler_seed: seed of the sampler (``None`` = the run seed).

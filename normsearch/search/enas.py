@@ -13,8 +13,8 @@ a. shared weights: one pass of the training set (``train.steps_per_epoch`` caps 
    ``train.schedule`` over the supernet epochs), the standardization loss on the child's tapped
    slots;
 b. controller: ``controller_steps_per_epoch`` REINFORCE updates, each from ``controller_batch``
-   children; a child's reward is its accuracy on one validation batch (the same batch for the
-   children of one update) after :func:`~normsearch.search.supernet.recalibrate` re-estimated its
+   children; a child's reward is its accuracy on one validation batch of ``reward_batch_size``
+   images (the same batch for the children of one update) after :func:`~normsearch.search.supernet.recalibrate` re-estimated its
    running statistics on ``recalibration_batches`` training batches.
 
 Then ``num_final_samples`` children plus the greedy one are recalibrated and scored on the whole
@@ -125,10 +125,10 @@ class EnasSearch:
     def _seed(self, epoch: int, stream: int) -> int:
         return self.cfg.seed * 1_000_003 + epoch * 8 + stream
 
-    def _loader(self, split: str, *, train: bool, shuffle: bool, seed: int) -> TensorLoader:
+    def _loader(self, split: str, *, train: bool, shuffle: bool, seed: int, batch_size: int | None = None) -> TensorLoader:
         b, t = self.bundle, self.cfg.train
         return TensorLoader(
-            getattr(b, split), t.batch_size if train else t.eval_batch_size, shuffle=shuffle,
+            getattr(b, split), batch_size or (t.batch_size if train else t.eval_batch_size), shuffle=shuffle,
             augment=self.cfg.data.augment if train else None, mean=b.mean, std=b.std, device=self.device,
             seed=seed, channels_last=self.trainer.channels_last,
         )
@@ -190,7 +190,9 @@ class EnasSearch:
         e = self.ecfg
         gen = torch.Generator().manual_seed(self._seed(epoch, _CONTROLLER))
         recal_batches = _endless(self._loader("train", train=True, shuffle=True, seed=self._seed(epoch, _RECAL)))
-        val_batches = _endless(self._loader("val", train=False, shuffle=True, seed=self._seed(epoch, _VAL)))
+        reward_bs = e.reward_batch_size or self.cfg.train.batch_size
+        val_batches = _endless(self._loader("val", train=False, shuffle=True, seed=self._seed(epoch, _VAL),
+                                            batch_size=reward_bs))
         rows = []
         for _ in range(e.controller_steps_per_epoch):
             recal = list(itertools.islice(recal_batches, e.recalibration_batches))
@@ -314,7 +316,9 @@ def run_enas(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> op
     Writes ``RUN_DIR/enas/checkpoint.pt`` (after every epoch), ``history.json`` (controller reward,
     baseline, entropy and loss per update, per-slot choice probabilities per epoch, the scored
     final children) and ``controller.png``; compact versions go into the study's user attrs.
-    ``search.timeout_s`` (if set) stops starting new supernet epochs after that many seconds.
+    ``search.timeout_s`` (if set, in seconds) bounds the supernet phase: a new supernet epoch starts
+    only if, at the mean duration of this session's epochs so far, it ends within the limit (the
+    first always runs); the final scoring and the retraining come on top.
 
     Args:
         cfg: the run configuration.
@@ -336,12 +340,15 @@ def run_enas(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> op
         search.load_state_dict(state, str(checkpoint))
         if search.epoch:
             _note(progress, f"enas: resumed from {checkpoint} after supernet epoch {search.epoch}")
-    start = time.monotonic()
+    start, epochs_run = time.monotonic(), 0
     while search.epoch < search.total_epochs:
-        if cfg.search.timeout_s is not None and time.monotonic() - start >= cfg.search.timeout_s:
-            _note(progress, f"enas: search.timeout_s reached; stopping after supernet epoch {search.epoch}")
+        elapsed = time.monotonic() - start
+        if cfg.search.timeout_s is not None and epochs_run and elapsed * (epochs_run + 1) / epochs_run > cfg.search.timeout_s:
+            _note(progress, f"enas: another supernet epoch would pass search.timeout_s={cfg.search.timeout_s:g} s; "
+                            f"stopping after supernet epoch {search.epoch} of {search.total_epochs}")
             break
         record = search.run_epoch()
+        epochs_run += 1
         _save(search.state_dict(), checkpoint)
         _note(progress, _epoch_line(record, search.total_epochs))
     if search.final_is_stale():

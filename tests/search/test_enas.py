@@ -227,3 +227,15 @@ def test_enas_end_to_end_through_the_cli_then_resume(tmp_path):
     topped = load(run_dir, "enas_e2e").get_trials(deepcopy=False)
     assert len(topped) == 2 and topped[0].datetime_complete == t.datetime_complete
     assert topped[1].params == history["final"]["children"][1]["params"] != t.params
+
+
+@pytest.mark.slow
+@needs_data
+def test_timeout_starts_no_supernet_epoch_that_would_end_after_it(tmp_path, capsys):
+    # any epoch takes far more than 1 ms: the first always runs, the second would end past the limit
+    cfg = run_config(tmp_path, epochs=50, extra="  timeout_s: 0.001\n")
+    assert main(["run", str(cfg)]) == 0
+    history = json.loads((tmp_path / "enas_e2e" / "enas" / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1] and history["final"]["epoch"] == 1
+    assert "stopping after supernet epoch 1 of 50" in " ".join(capsys.readouterr().err.split())  # progress: stderr, wrapped
+    assert load(tmp_path / "enas_e2e", "enas_e2e").trials[0].state == TrialState.COMPLETE
