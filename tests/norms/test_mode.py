@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normsearch.norms import ModeGroupNorm2d, ModeNorm2d, create_norm_layer
-from normsearch.norms import mode as mode_module
+from normsearch.norms import _per_sample as per_sample_module
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 TOL64 = dict(atol=1e-10, rtol=1e-9)
@@ -240,7 +240,7 @@ def test_var_mean_branch_equals_two_pass_branch(cls, monkeypatch):
     x = _inputs(4, 3, 3, 2, seed=36, dtype=torch.float64)
     results = []
     for fast in (False, True):
-        monkeypatch.setattr(mode_module, "_var_mean_is_fast", lambda t, fast=fast: fast)
+        monkeypatch.setattr(per_sample_module, "_var_mean_is_fast", lambda t, fast=fast: fast)
         xi = x.clone().requires_grad_()
         layer.zero_grad()
         y = layer(xi)

@@ -1,0 +1,186 @@
+"""The fused per-(sample, channel) normalization behind ModeNorm2d and ModeGroupNorm2d.
+
+A layer whose output is ``x * scale[n, c] + shift[n, c]``, with ``scale`` and ``shift`` computed from
+the per-(sample, channel) spatial moments of ``x`` by some small differentiable function
+``affine_fn``, runs here in one reduction pass and one elementwise pass, forward and backward,
+without autograd recording any full-size intermediate (see :class:`_PerSampleNorm`). The
+mode arithmetic itself (Deecke et al., Alg. 1 and 3) lives in :mod:`normsearch.norms.mode`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """Dtype the statistics are computed in: float32 for float16/bfloat16 input, else the input's."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _var_mean_is_fast(x: Tensor) -> bool:
+    """Whether ``torch.var_mean`` beats two passes on ``x``'s device (CUDA: yes; CPU: ~10x slower)."""
+    return x.is_cuda
+
+
+def _bn_kernel_ok(x: Tensor, *others: Tensor) -> bool:
+    """Whether per-(sample, channel) work on ``x`` may run as BatchNorm over a (1, N*C, H*W) view.
+
+    On CPU, BatchNorm's kernels compute ``x * a + b`` and the pair of sums ``sum(g * x)``,
+    ``sum(g)`` per channel about twice as fast as ``addcmul`` and ``mul`` + two ``sum`` calls over
+    the spatial dimensions of an NCHW tensor. That needs every tensor contiguous (NCHW) and of one
+    dtype; channels_last tensors take the generic ops (which are fast in that format).
+    """
+    return x.device.type == "cpu" and all(t.is_contiguous() and t.dtype == x.dtype for t in (x, *others))
+
+
+def _spatial_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-(sample, channel) biased variance and mean over H, W (no autograd), float32 for 16-bit x.
+
+    Two passes on CPU (the mean, then the mean of ``(x - mean)**2`` from one fused ``mse_loss``
+    kernel: stable, unlike ``E[x^2] - E[x]^2``); ``torch.var_mean`` on CUDA.
+
+    Returns:
+        ``(var, mean, scratch)``: (N, C) each, and a free tensor shaped, typed and laid out like
+        ``x`` that the caller may overwrite (saves an allocation), or None.
+    """
+    dtype = _stat_dtype(x)
+    if _var_mean_is_fast(x):
+        return (*torch.var_mean(x.to(dtype), dim=(2, 3), correction=0), None)
+    mean = x.mean(dim=(2, 3), dtype=dtype)
+    centre = mean[:, :, None, None]
+    if x.dtype != dtype:
+        return (x - centre).square_().mean(dim=(2, 3)), mean, None
+    sq = F.mse_loss(x, centre.expand_as(x), reduction="none")
+    return sq.mean(dim=(2, 3)), mean, sq if sq.stride() == x.stride() else None
+
+
+def _scale_shift(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x * scale + shift`` with (N, C) ``scale``/``shift`` (no autograd), in ``x``'s dtype and format.
+
+    Args:
+        out: optional tensor like ``x`` (shape, dtype, strides) to write the result into.
+    """
+    s, b = scale.to(x.dtype), shift.to(x.dtype)
+    if _bn_kernel_ok(x, s, b):
+        s, b = s.reshape(-1), b.reshape(-1)
+        y = torch.native_batch_norm(x.view(1, s.numel(), -1), s, b, torch.zeros_like(s), torch.ones_like(s),
+                                    False, 0.0, 0.0)[0]
+        return y.view_as(x)
+    return torch.addcmul(b[:, :, None, None], x, s[:, :, None, None], out=out)
+
+
+def _spatial_sums(grad: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(sum_hw(grad * x), sum_hw(grad), scratch)``: (N, C) sums in ``dtype`` (no autograd).
+
+    ``scratch`` is a free tensor like ``x`` (the ``grad * x`` product) or None.
+    """
+    if x.dtype == dtype and _bn_kernel_ok(x, grad):
+        n, c = x.shape[:2]
+        zero, one = x.new_zeros(n * c), x.new_ones(n * c)
+        _, gx, g = torch.ops.aten.native_batch_norm_backward(
+            grad.view(1, n * c, -1), x.view(1, n * c, -1), None, zero, one, None, None, False, 0.0,
+            [False, True, True],
+        )
+        return gx.view(n, c), g.view(n, c), None
+    prod = grad * x
+    scratch = prod if prod.dtype == x.dtype and prod.stride() == x.stride() else None
+    return torch.sum(prod, dim=(2, 3), dtype=dtype), torch.sum(grad, dim=(2, 3), dtype=dtype), scratch
+
+
+def _reference_norm(x: Tensor, affine_fn, *params: Tensor | None) -> tuple[Tensor, ...]:
+    """:func:`_per_sample_norm` in plain differentiable ops (``torch.compile``, double backward)."""
+    var_n, mean_n = torch.var_mean(x.to(_stat_dtype(x)), dim=(2, 3), correction=0)
+    scale, shift, *aux = affine_fn(var_n, mean_n, *params)
+    y = torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, scale.to(x.dtype)[:, :, None, None])
+    return (y, *aux)
+
+
+class _PerSampleNorm(torch.autograd.Function):
+    """``y = x * scale + shift`` where ``(scale, shift, *aux) = affine_fn(var_n, mean_n, *params)``.
+
+    ``var_n``/``mean_n`` are the (N, C) spatial moments of ``x`` and ``affine_fn`` is the small
+    gate/estimator arithmetic of MN or MGN on (N, C) tensors. Autograd over the two big passes is
+    replaced by a lean backward: ``affine_fn``'s graph is built in the forward on detached leaves
+    and differentiated with ``torch.autograd.grad`` given ``sum_hw(g * x)`` and ``sum_hw(g)``; the
+    input gradient ``g * scale + x * p + q`` (``p``, ``q`` from the moments' gradients) is then
+    one fused pass plus one in-place ``addcmul_``. Under ``create_graph=True`` the backward
+    differentiates :func:`_reference_norm` instead, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, x, affine_fn, *params):  # type: ignore[override]
+        var_n, mean_n, scratch = _spatial_moments(x)
+        leaves = [var_n.requires_grad_(), mean_n.requires_grad_()]
+        leaves += [None if p is None else p.detach().requires_grad_(p.requires_grad) for p in params]
+        with torch.enable_grad():
+            scale, shift, *aux = affine_fn(*leaves)
+        ctx.save_for_backward(x, *params)
+        ctx.affine_fn, ctx.graph = affine_fn, (leaves, scale, shift)
+        aux = [a.detach() for a in aux]
+        ctx.mark_non_differentiable(*aux)
+        return (_scale_shift(x, scale.detach(), shift.detach(), out=scratch), *aux)
+
+    @staticmethod
+    def backward(ctx, grad, *_aux_grads):  # type: ignore[override]
+        x, *params = ctx.saved_tensors
+        need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[2:]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-op recomputation
+            inputs = [t for t, need in zip((x, *params), (need_x, *need_params)) if need]
+            with torch.enable_grad():
+                y = _reference_norm(x, ctx.affine_fn, *params)[0]
+            found = iter(torch.autograd.grad(y, inputs, grad, create_graph=True, allow_unused=True))
+            return (next(found) if need_x else None, None, *(next(found) if n else None for n in need_params))
+        leaves, scale, shift = ctx.graph
+        var_n, mean_n = leaves[:2]
+        sum_gx, sum_g, scratch = _spatial_sums(grad, x, scale.dtype)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        # retain_graph: the outer backward may run again (retain_graph=True there, e.g. gradcheck);
+        # the small graph dies with ctx either way.
+        found = dict(zip(map(id, wanted), torch.autograd.grad(
+            (scale, shift), wanted, (sum_gx, sum_g), retain_graph=True, allow_unused=True)))
+        grads = [found.get(id(t)) if t is not None else None for t in leaves]
+        grad_x = None
+        if need_x:
+            hw = x.size(2) * x.size(3)
+            p = grads[0] * (2.0 / hw) if grads[0] is not None else torch.zeros_like(scale)
+            q = (grads[1] / hw if grads[1] is not None else torch.zeros_like(scale)) - p * mean_n
+            if x.dtype == scale.dtype:
+                grad_x = _scale_shift(x, p, q, out=scratch)
+            else:  # float32 gradient for 16-bit x, rounded once at the end
+                grad_x = torch.addcmul(q[:, :, None, None], x, p[:, :, None, None])
+            grad_x = grad_x.addcmul_(grad, scale.to(grad_x.dtype)[:, :, None, None]).to(x.dtype)
+        return (grad_x, None, *(g if n else None for g, n in zip(grads[2:], need_params)))
+
+
+def _per_sample_norm(x: Tensor, affine_fn, *params: Tensor | None) -> tuple[Tensor, ...]:
+    """Normalize ``x`` with per-(sample, channel) ``scale``/``shift`` computed from its moments.
+
+    Args:
+        x: (N, C, H, W) input.
+        affine_fn: ``(var_n, mean_n, *params) -> (scale, shift, *aux)``, all (N, C) but ``aux``
+            (extra tensors returned without gradient, e.g. MN's batch estimators); pure.
+        params: the tensors ``affine_fn`` differentiates (``None`` allowed).
+
+    Returns:
+        ``(y, *aux)``; ``y`` has ``x``'s shape, dtype and memory format.
+    """
+    if torch.compiler.is_compiling():  # plain ops: inductor fuses them better than our kernels
+        return _reference_norm(x, affine_fn, *params)
+    tracked = (x, *(p for p in params if p is not None))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+        return _PerSampleNorm.apply(x, affine_fn, *params)
+    var_n, mean_n, scratch = _spatial_moments(x)
+    scale, shift, *aux = affine_fn(var_n, mean_n, *params)
+    return (_scale_shift(x, scale, shift, out=scratch), *aux)
+
+
+def _autocast_off(x: Tensor):
+    """Context that disables autocast on ``x``'s device so the small statistics stay in float."""
+    try:
+        enabled = torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4 takes no device argument
+        enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    return torch.autocast(x.device.type, enabled=False) if enabled else nullcontext()
