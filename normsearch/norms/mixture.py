@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._gmm import DEFAULT_REG_COVAR, GaussianMixtureParams, fit_gmm
+from ._gmm import DEFAULT_REG_COVAR, GaussianMixtureParams, fit_gmm, softmax
 from ._registry import register_norm
 
 __all__ = ["MixtureNorm2d"]
@@ -111,11 +111,11 @@ def _posteriors(x: Tensor, x_sq: Tensor, log_weights: Tensor, means: Tensor, var
     if cl:
         log_prob = torch.addmm(bias, -0.5 * precisions, x_sq.reshape(-1, channels).T)  # (K, N*L)
         log_prob = log_prob.addmm_(means * precisions, x.reshape(-1, channels).T)
-        return _from_k_major(torch.softmax(log_prob, dim=0), x.shape[0])
+        return _from_k_major(softmax(log_prob, dim=0), x.shape[0])
     n = x.shape[0]
     log_prob = torch.baddbmm(bias.unsqueeze(0), (-0.5 * precisions).expand(n, -1, -1), x_sq)
     log_prob = log_prob.baddbmm_((means * precisions).expand(n, -1, -1), x)
-    return torch.softmax(log_prob, dim=1)
+    return softmax(log_prob, dim=1)
 
 
 class _MixtureNormalize(torch.autograd.Function):
@@ -214,7 +214,9 @@ class MixtureNorm2d(nn.Module):
         em_iters: EM iterations after the seeding, >= 0 (paper: 2).
         queue_size: T, how many fitted mixtures inference combines (paper: 10).
         decay: zeta in [0, 1], weight of a mixture one batch older (paper: 0.9).
-        subsample: fraction in (0, 1] of the N*H*W points used to fit the GMM (paper: >= 25%).
+        subsample: fraction in (0, 1] of the N*H*W points used to fit the GMM (paper: >= 25%):
+            ``ceil(subsample * H * W)`` pixels of every image, drawn uniformly with replacement
+            (all points, in order, when 1).
         min_weight: components with a smaller mixture weight are dropped (paper: 0.01).
         eps: added to each component variance.
         affine: learn a per-channel scale ``weight`` and shift ``bias``.
@@ -329,8 +331,14 @@ class MixtureNorm2d(nn.Module):
         total = n * length
         n_fit = min(total, max(math.ceil(self.subsample * total), _MIN_FIT_POINTS))
         if n_fit < total:
-            idx = torch.randperm(total, device=x.device)[:n_fit]
-            points = x.reshape(total, c).index_select(0, idx) if cl else x[idx // length, :, idx % length]
+            # stratified: every image gives the same number of pixels, drawn with replacement (a
+            # gather along the pixel axis; ~2.5x faster than randperm plus a strided index on CPU)
+            per_image = math.ceil(n_fit / n)
+            idx = torch.randint(length, (n, per_image), device=x.device)
+            if cl:
+                points = x.gather(1, idx.unsqueeze(2).expand(n, per_image, c)).reshape(-1, c)
+            else:
+                points = x.gather(2, idx.unsqueeze(1).expand(n, c, per_image)).transpose(1, 2).reshape(-1, c)
         else:
             points = x.reshape(total, c) if cl else x.transpose(1, 2).reshape(total, c)
         gmm = fit_gmm(points, self.num_components, self.em_iters,

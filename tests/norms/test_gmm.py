@@ -14,7 +14,9 @@ from normsearch.norms._gmm import (
     kmeans_pp_init,
     m_step,
     prune_components,
+    softmax,
 )
+from normsearch.norms._gmm import _logsumexp0, _nearest_one_hot
 
 
 def _random_mixture(seed: int, m: int = 300, c: int = 4, k: int = 3, dtype=torch.float64) -> torch.Tensor:
@@ -132,3 +134,25 @@ def test_fit_gmm_rejects_bad_input():
         fit_gmm(torch.randn(5, 2), 2, -1)
     with pytest.raises(TypeError, match="floating"):
         kmeans_pp_init(torch.ones(5, 2, dtype=torch.long), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_underflow_safe_softmax_and_logsumexp_equal_torchs(dtype):
+    # spreads of hundreds (well separated components) put most exp() terms in the underflow range
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5000, generator=g) * torch.tensor([[1.0], [100.0], [1000.0]])).to(dtype)
+    x[2, :10] = -float("inf")  # a pruned component
+    for dim in (0, 1):
+        ours = softmax(x, dim)
+        torch.testing.assert_close(ours, torch.softmax(x, dim), rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-30)
+        assert (ours[torch.isinf(x)] == 0).all()
+    torch.testing.assert_close(_logsumexp0(x), torch.logsumexp(x, 0, keepdim=True))
+    x.requires_grad_()
+    softmax(x, 0).sum().backward()  # falls back to torch.softmax under autograd
+    assert torch.isfinite(x.grad).all()
+
+
+def test_nearest_one_hot_is_argmin_first_on_ties():
+    dist = torch.tensor([[1.0, 2.0, 0.5, 3.0], [0.5, 2.0, 0.5, 1.0], [2.0, 0.1, 0.5, 1.0]])
+    expected = torch.nn.functional.one_hot(dist.argmin(0), 3).T.to(dist.dtype)
+    assert torch.equal(_nearest_one_hot(dist.clone()), expected)  # column 2: a three-way tie -> row 0
