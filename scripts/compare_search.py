@@ -17,7 +17,8 @@ In one run, in this order:
    ``3 * train + val``; a supernet epoch ``3 * train + children * (recalibration images + reward
    batch)``; the final scoring ``(N + 1) * (recalibration images + val)``. Supernet children with
    ModeNorm or GroupNorm cost more per image than the BatchNorm reference, so fewer epochs may fit
-   than planned; the table gives both.
+   than planned: ENAS then cuts its epochs and learning-rate schedule to what fits after timing its
+   first epoch (see ``normsearch.search.enas.run_enas``); the table gives both numbers.
 3. **tpe** and 4. **random**: the optuna backend (median pruner) with ``search.timeout_s = budget``
    (Optuna starts no new trial after it, so the last trial may overrun it).
 

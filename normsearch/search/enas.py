@@ -89,7 +89,8 @@ class EnasSearch:
         self.cfg, self.ecfg = cfg, cfg.search.enas
         self.espace = EnasSpace(space, cfg.space)
         self.bundle = load_data(cfg.data)
-        self.total_epochs = self.ecfg.epochs or cfg.train.epochs
+        self.planned_epochs = self.ecfg.epochs or cfg.train.epochs
+        self.total_epochs = self.planned_epochs
         if cfg.train.threads is not None:
             torch.set_num_threads(cfg.train.threads)
         set_seed(cfg.seed)
@@ -252,6 +253,11 @@ class EnasSearch:
                                  "time_s": time.perf_counter() - t0}
         return self.history["final"]
 
+    def set_total_epochs(self, epochs: int) -> None:
+        """Change the number of supernet epochs, and with it the learning-rate schedule's horizon."""
+        self.total_epochs = max(1, int(epochs))
+        self.lr_factor = EpochLRFactor(self.cfg.train.schedule, self.total_epochs)
+
     # -- checkpoint -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed search needs (tensors, numbers, strings only)."""
@@ -259,6 +265,8 @@ class EnasSearch:
             "version": _CHECKPOINT_VERSION,
             "decisions": [[d.name, d.num_choices] for d in self.controller.decisions],
             "epoch": self.epoch,
+            "planned_epochs": self.planned_epochs,
+            "total_epochs": self.total_epochs,
             "supernet": self.supernet.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "controller": self.reinforce.state_dict(),
@@ -287,6 +295,8 @@ class EnasSearch:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         self.history = state["history"]
+        if state.get("planned_epochs") == self.planned_epochs:  # a schedule fitted to timeout_s stays
+            self.set_total_epochs(state["total_epochs"])
 
 
 def _save(state: dict[str, Any], path: Path) -> None:
@@ -316,9 +326,11 @@ def run_enas(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> op
     Writes ``RUN_DIR/enas/checkpoint.pt`` (after every epoch), ``history.json`` (controller reward,
     baseline, entropy and loss per update, per-slot choice probabilities per epoch, the scored
     final children) and ``controller.png``; compact versions go into the study's user attrs.
-    ``search.timeout_s`` (if set, in seconds) bounds the supernet phase: a new supernet epoch starts
-    only if, at the mean duration of this session's epochs so far, it ends within the limit (the
-    first always runs); the final scoring and the retraining come on top.
+    ``search.timeout_s`` (if set, in seconds) bounds the supernet phase: after the first epoch of a
+    new search, the epochs (and the learning-rate schedule's horizon) are cut to those that fit at
+    that epoch's duration; and a new supernet epoch starts only if, at the mean duration of this
+    session's epochs so far, it ends within the limit (the first always runs). The final scoring
+    and the retraining come on top.
 
     Args:
         cfg: the run configuration.
@@ -349,6 +361,13 @@ def run_enas(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> op
             break
         record = search.run_epoch()
         epochs_run += 1
+        if cfg.search.timeout_s is not None and search.epoch == 1:
+            fit = int(cfg.search.timeout_s / (time.monotonic() - start))
+            if fit < search.total_epochs:
+                search.set_total_epochs(fit)
+                _note(progress, f"enas: at {time.monotonic() - start:.1f} s per supernet epoch, "
+                                f"{search.total_epochs} fit in search.timeout_s={cfg.search.timeout_s:g} s; "
+                                f"the learning-rate schedule now spans {search.total_epochs}")
         _save(search.state_dict(), checkpoint)
         _note(progress, _epoch_line(record, search.total_epochs))
     if search.final_is_stale():

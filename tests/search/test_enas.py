@@ -231,11 +231,13 @@ def test_enas_end_to_end_through_the_cli_then_resume(tmp_path):
 
 @pytest.mark.slow
 @needs_data
-def test_timeout_starts_no_supernet_epoch_that_would_end_after_it(tmp_path, capsys):
-    # any epoch takes far more than 1 ms: the first always runs, the second would end past the limit
+def test_timeout_fits_the_supernet_epochs_and_schedule(tmp_path, capsys):
+    # any epoch takes far more than 1 ms: the first always runs, then the schedule shrinks to 1 epoch
     cfg = run_config(tmp_path, epochs=50, extra="  timeout_s: 0.001\n")
     assert main(["run", str(cfg)]) == 0
     history = json.loads((tmp_path / "enas_e2e" / "enas" / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1] and history["final"]["epoch"] == 1
-    assert "stopping after supernet epoch 1 of 50" in " ".join(capsys.readouterr().err.split())  # progress: stderr, wrapped
+    assert "1 fit in search.timeout_s=0.001 s" in " ".join(capsys.readouterr().err.split())  # progress: stderr, wrapped
+    state = torch.load(tmp_path / "enas_e2e" / "enas" / "checkpoint.pt", weights_only=True)
+    assert (state["planned_epochs"], state["total_epochs"]) == (50, 1)  # the shortened schedule is kept on resume
     assert load(tmp_path / "enas_e2e", "enas_e2e").trials[0].state == TrialState.COMPLETE
