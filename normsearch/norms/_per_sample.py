@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+
 def _stat_dtype(x: Tensor) -> torch.dtype:
     """Dtype the statistics are computed in: float32 for float16/bfloat16 input, else the input's."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype

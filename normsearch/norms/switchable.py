@@ -18,6 +18,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from ._per_sample import _spatial_moments
 from ._registry import register_norm
 
 _KINDS = ("in", "ln", "bn")
@@ -40,15 +41,13 @@ def _instance_moments(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
     On CPU ``torch.var_mean`` is several times slower than the fused GroupNorm kernel (one group
     per channel), whose Welford moments are read back from its ``rstd = (var + eps)^-1/2``. For
-    channels_last input that kernel is slow too (~10x at 64 channels of 8x8): there the mean and
-    then the mean squared deviation are taken over the pixel axis of the (N, H*W, C) view, two
-    reductions over a middle dimension that vectorise along the contiguous channels.
+    channels_last input that kernel is slow too (~10x at 64 channels of 8x8); there the two-pass
+    moments of ModeNorm's per-sample kernel are used.
     """
     n, c, h, w = x.shape
     if x.device.type == "cpu" and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        pixels = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view
-        mean = pixels.mean(1)
-        return mean, (pixels - mean.unsqueeze(1)).square_().mean(1)
+        var, mean, _ = _spatial_moments(x)
+        return mean, var
     if x.device.type == "cpu":
         _, mean, rstd = torch.native_group_norm(x, None, None, n, c, h * w, c, eps)
         return mean, (rstd.square().reciprocal() - eps).clamp_(min=0.0)
