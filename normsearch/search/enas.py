@@ -320,6 +320,15 @@ def _epoch_line(record: Mapping[str, Any], total: int) -> str:
             f"acc {100 * record['shared_acc']:.1f}%{ctl} ({record['shared_s'] + record['controller_s']:.1f} s)")
 
 
+def _fit_schedule(search: EnasSearch, limit_s: float, epoch_s: float, progress: SearchProgress) -> None:
+    """Cut the supernet epochs (and the LR schedule's horizon) to those that fit in ``limit_s`` seconds."""
+    fit = int(limit_s / epoch_s)
+    if fit < search.total_epochs:
+        search.set_total_epochs(fit)
+        _note(progress, f"enas: at {epoch_s:.1f} s per supernet epoch, {search.total_epochs} fit in "
+                        f"search.timeout_s={limit_s:g} s; the learning-rate schedule now spans {search.total_epochs}")
+
+
 def run_enas(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> optuna.Study:
     """Run (or resume) the ENAS search, then retrain its best children as trials of the study.
 
@@ -352,22 +361,18 @@ def run_enas(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> op
         search.load_state_dict(state, str(checkpoint))
         if search.epoch:
             _note(progress, f"enas: resumed from {checkpoint} after supernet epoch {search.epoch}")
+    limit = cfg.search.timeout_s
     start, epochs_run = time.monotonic(), 0
     while search.epoch < search.total_epochs:
         elapsed = time.monotonic() - start
-        if cfg.search.timeout_s is not None and epochs_run and elapsed * (epochs_run + 1) / epochs_run > cfg.search.timeout_s:
-            _note(progress, f"enas: another supernet epoch would pass search.timeout_s={cfg.search.timeout_s:g} s; "
+        if limit is not None and epochs_run and elapsed * (epochs_run + 1) / epochs_run > limit:
+            _note(progress, f"enas: another supernet epoch would pass search.timeout_s={limit:g} s; "
                             f"stopping after supernet epoch {search.epoch} of {search.total_epochs}")
             break
         record = search.run_epoch()
         epochs_run += 1
-        if cfg.search.timeout_s is not None and search.epoch == 1:
-            fit = int(cfg.search.timeout_s / (time.monotonic() - start))
-            if fit < search.total_epochs:
-                search.set_total_epochs(fit)
-                _note(progress, f"enas: at {time.monotonic() - start:.1f} s per supernet epoch, "
-                                f"{search.total_epochs} fit in search.timeout_s={cfg.search.timeout_s:g} s; "
-                                f"the learning-rate schedule now spans {search.total_epochs}")
+        if limit is not None and search.epoch == 1:
+            _fit_schedule(search, limit, time.monotonic() - start, progress)
         _save(search.state_dict(), checkpoint)
         _note(progress, _epoch_line(record, search.total_epochs))
     if search.final_is_stale():
