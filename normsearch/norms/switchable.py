@@ -5,10 +5,12 @@ Normalization", ICLR 2019 -- Eq. 3 (the layer), Eq. 4 (LN/BN statistics derived 
 Eq. 5 (softmax importance weights), Sec. 2.1 "Inference" and App. A (moving average vs batch
 average), Sec. 2.1 "Variants of SN" (sparse SN by argmax).
 
-Speed: the (N, C, H, W) tensor is read by one statistics pass and one ``x * scale + shift`` pass
-in the forward, and by one fused reduction and one elementwise pass in the backward
-(:class:`_SwitchNormFunction`); all else works on (N, C) tensors. That function supports no double
-backward; under ``torch.compile`` the plain autograd graph is used instead, which compilers fuse.
+Speed: the layer is ``x * scale[n, c] + shift[n, c]`` with ``scale``/``shift`` depending on ``x``
+only through its IN moments, so it runs on the fused per-(sample, channel) kernel it shares with
+ModeNorm (:func:`normsearch.norms._per_sample._per_sample_norm`): one statistics pass and one
+``x * scale + shift`` pass forward, one fused reduction and one elementwise pass backward; only
+the mixing of Eq. 3-5 is recorded by autograd, on (N, C) tensors. Under ``torch.compile`` and for
+double backward that kernel falls back to plain differentiable ops.
 """
 
 from __future__ import annotations
@@ -18,53 +20,10 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from ._per_sample import _spatial_moments
+from ._per_sample import _autocast_off, _per_sample_norm, _stat_dtype
 from ._registry import register_norm
 
 _KINDS = ("in", "ln", "bn")
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except (TypeError, RuntimeError):  # torch < 2.4 or a device type autocast does not know
-        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-
-
-def _instance_moments(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Per-(n, c) mean and biased variance over (H, W); both (N, C), in ``x``'s dtype.
-
-    On CPU ``torch.var_mean`` is several times slower than the fused GroupNorm kernel (one group
-    per channel), whose Welford moments are read back from its ``rstd = (var + eps)^-1/2``. For
-    channels_last input that kernel is slow too (~10x at 64 channels of 8x8); there the two-pass
-    moments of ModeNorm's per-sample kernel are used.
-    """
-    n, c, h, w = x.shape
-    if x.device.type == "cpu" and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        var, mean, _ = _spatial_moments(x)
-        return mean, var
-    if x.device.type == "cpu":
-        _, mean, rstd = torch.native_group_norm(x, None, None, n, c, h * w, c, eps)
-        return mean, (rstd.square().reciprocal() - eps).clamp_(min=0.0)
-    var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
-    return mean, var
-
-
-def _spatial_sums(g: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum_hw g * x, sum_hw g)``, both (N, C); one fused pass on contiguous CPU tensors."""
-    n, c, h, w = x.shape
-    if x.device.type == "cpu" and x.is_contiguous() and g.is_contiguous():
-        zeros, ones = x.new_zeros(n * c), x.new_ones(n * c)
-        _, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
-            g.view(1, n * c, h, w), x.view(1, n * c, h, w), None, None, None, zeros, ones,
-            True, 0.0, [False, True, True])
-        return sum_gx.view(n, c), sum_g.view(n, c)
-    return (g * x).sum((2, 3)), g.sum((2, 3))
 
 
 def _scope_stats(kind: str, mu_in: Tensor, var_in: Tensor,
@@ -91,8 +50,8 @@ def _weighted_sum(weights: tuple[Tensor, ...], values: list[Tensor]) -> Tensor:
     return out
 
 
-def _scale_shift(mu_in, var_in, weight, bias, mean_logits, var_logits, bn_mean, bn_var,
-                 eps: float, sparse: bool) -> tuple[Tensor, Tensor]:
+def _mix_scale_shift(mu_in, var_in, weight, bias, mean_logits, var_logits, bn_mean, bn_var,
+                     eps: float, sparse: bool) -> tuple[Tensor, Tensor]:
     """Eq. 3 folded into ``y = x * scale + shift``; returns (N, C) or (1, C) ``scale, shift``."""
     kinds = _KINDS[: mean_logits.numel()]
     if sparse:
@@ -105,77 +64,6 @@ def _scale_shift(mu_in, var_in, weight, bias, mean_logits, var_logits, bn_mean, 
         var = _weighted_sum(var_logits.softmax(0).unbind(), [s[1] for s in stats])
     scale = weight * torch.rsqrt(var + eps)
     return scale, torch.addcmul(bias, mean, scale, value=-1.0)
-
-
-def _as_map(t: Tensor) -> Tensor:
-    return t[:, :, None, None]
-
-
-def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``x * scale + shift`` with per-(n, c) ``scale``/``shift`` of shape (N or 1, C).
-
-    On contiguous CPU tensors the eval-mode BatchNorm kernel over the (1, N*C, H, W) view (mean 0,
-    variance 1, eps 0) does this at copy speed, about twice as fast as ``torch.addcmul``.
-    """
-    n, c, h, w = x.shape
-    if x.device.type == "cpu" and x.is_contiguous():
-        scale, shift = (t.to(x.dtype).expand(n, c).reshape(-1) for t in (scale, shift))
-        out = torch.batch_norm(x.view(1, n * c, h, w), scale, shift, torch.zeros_like(scale),
-                               torch.ones_like(scale), False, 0.0, 0.0, False)
-        return out.view(n, c, h, w)
-    return torch.addcmul(_as_map(shift), x, _as_map(scale))
-
-
-class _SwitchNormFunction(torch.autograd.Function):
-    """``x * scale + shift`` where scale/shift depend on x only through its IN moments.
-
-    The backward obtains the gradients of the (N, C)-sized mixing graph by autograd and applies
-    ``dL/dx = g * scale + x * B + C`` (from ``d mu_in/dx = 1/HW``, ``d var_in/dx = 2(x - mu_in)/HW``)
-    in one pass.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean_logits, var_logits, mu_in, var_in, bn_mean, bn_var,
-                eps, sparse):
-        x_needs = ctx.needs_input_grad[0]
-        with torch.enable_grad():
-            leaves = [None if t is None else t.detach().requires_grad_(need)
-                      for t, need in zip((mu_in, var_in, weight, bias, mean_logits, var_logits),
-                                         (x_needs, x_needs, *ctx.needs_input_grad[1:5]))]
-            scale, shift = _scale_shift(*leaves, bn_mean, bn_var, eps, sparse)
-        ctx.save_for_backward(x)
-        ctx.graph = (leaves, scale, shift)
-        return _affine(x.to(scale.dtype), scale.detach(), shift.detach()).to(x.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        leaves, scale, shift = ctx.graph
-        xs, gs = x.to(scale.dtype), g.to(scale.dtype)
-        grads = [None] * 6
-        wanted = [i for i, t in enumerate(leaves) if t is not None and t.requires_grad]
-        if wanted and scale.requires_grad:
-            sum_gx, sum_g = _spatial_sums(gs, xs)
-            found = torch.autograd.grad(
-                (scale, shift), [leaves[i] for i in wanted],
-                (sum_gx.sum_to_size(scale.shape), sum_g.sum_to_size(shift.shape)),
-                retain_graph=True, allow_unused=True)
-            for i, gr in zip(wanted, found):
-                grads[i] = gr
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            scale_nc = scale.detach().expand(x.shape[0], -1)
-            g_mu, g_var = grads[0], grads[1]
-            if g_mu is None and g_var is None:
-                grad_x = gs * _as_map(scale_nc)
-            else:
-                hw = x.shape[2] * x.shape[3]
-                b = (2.0 / hw) * g_var if g_var is not None else torch.zeros_like(scale_nc)
-                c = (g_mu / hw if g_mu is not None else 0.0) - b * leaves[0].detach()
-                grad_x = _affine(xs, b, c).addcmul_(gs, _as_map(scale_nc))
-            grad_x = grad_x.to(x.dtype)
-        return (grad_x, *grads[2:], None, None, None, None, None, None)
 
 
 @register_norm(
@@ -284,31 +172,26 @@ class SwitchNorm2d(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"SwitchNorm2d({self.num_features}) expects input (N, {self.num_features}, H, W), "
                              f"got shape {tuple(x.shape)}")
-        if _autocast_on(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                return self._normalize(x)
-        return self._normalize(x)
+        with _autocast_off(x):
+            return self._normalize(x)
 
     def _normalize(self, x: Tensor) -> Tensor:
-        xs = x.to(torch.promote_types(x.dtype, torch.float32))
         params = (self.weight, self.bias, self.mean_weight, self.var_weight)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-        fused = needs_grad and not _is_compiling()  # compilers fuse the plain autograd graph better
-        bn_mean = bn_var = mu_in = var_in = None
+        bn_mean = bn_var = None
         if self.using_bn and not self.training:
-            bn_mean, bn_var = (b.to(xs.dtype)[None] for b in (self.running_mean, self.running_var))
-        if not self._bn_only_from_buffers(bn_mean):
-            if needs_grad and not fused:
-                var_in, mu_in = torch.var_mean(xs, dim=(2, 3), correction=0)
-            else:
-                with torch.no_grad():
-                    mu_in, var_in = _instance_moments(xs, self.eps)
+            bn_mean, bn_var = (b.to(_stat_dtype(x))[None] for b in (self.running_mean, self.running_var))
+        if self._bn_only_from_buffers(bn_mean):  # sparse eval picking BN twice: no IN moments needed
+            scale, shift = _mix_scale_shift(None, None, *params, bn_mean, bn_var, self.eps, True)
+            return torch.addcmul(shift[:, :, None, None], x.to(scale.dtype), scale[:, :, None, None]).to(x.dtype)
+
+        def affine_fn(var_in: Tensor, mu_in: Tensor, *mix_params: Tensor) -> tuple[Tensor, ...]:
+            scale, shift = _mix_scale_shift(mu_in, var_in, *mix_params, bn_mean, bn_var, self.eps, self.sparse)
+            return scale.expand_as(mu_in), shift.expand_as(mu_in), mu_in, var_in
+
+        y, mu_in, var_in = _per_sample_norm(x, affine_fn, *params)
         if self.using_bn and self.training:
-            self._track(mu_in.detach(), var_in.detach(), x.shape[0] * x.shape[2] * x.shape[3])
-        if fused:
-            return _SwitchNormFunction.apply(x, *params, mu_in, var_in, bn_mean, bn_var, self.eps, self.sparse)
-        scale, shift = _scale_shift(mu_in, var_in, *params, bn_mean, bn_var, self.eps, self.sparse)
-        return _affine(xs.to(scale.dtype), scale, shift).to(x.dtype)
+            self._track(mu_in, var_in, x.shape[0] * x.shape[2] * x.shape[3])
+        return y
 
     def _bn_only_from_buffers(self, bn_mean: Tensor | None) -> bool:
         """True when sparse eval picks BN for mean and variance, so IN moments are not needed."""

@@ -13,9 +13,6 @@ from torch.func import functional_call
 from normsearch.norms import create_norm_layer
 from normsearch.norms.switchable import (
     SwitchNorm2d,
-    _affine,
-    _instance_moments,
-    _spatial_sums,
     collect_importance,
     finalize_batch_average,
     to_sparse,
@@ -194,13 +191,11 @@ def test_gradcheck_all_inputs_float64():
 
 @pytest.mark.parametrize("train, sparse", [(True, False), (False, False), (True, True)])
 def test_plain_autograd_path_used_under_compile_matches_fused(monkeypatch, train, sparse):
-    import normsearch.norms.switchable as sw
-
     x = rand(4, 3, 3, 3, requires_grad=True)
     g = torch.randn(4, 3, 3, 3, dtype=F64)
     results = []
     for compiling in (False, True):
-        monkeypatch.setattr(sw, "_is_compiling", lambda: compiling)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
         sn = make_sn(3, seed=8, sparse=sparse).train(train)
         y = sn(x)
         results.append((y, *torch.autograd.grad(y, [x, *sn.parameters()], g, allow_unused=True), sn.running_var))
@@ -360,20 +355,6 @@ def test_channels_last_matches_contiguous():
                                torch.autograd.grad(y, x, g)[0], atol=1e-12, rtol=0)
 
 
-def test_cpu_fast_paths_match_plain_ops():
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        x = (torch.randn(3, 4, 5, 6) * 5 + 20).to(memory_format=fmt)
-        g = torch.randn(3, 4, 5, 6).to(memory_format=fmt)
-        mean, var = _instance_moments(x, 1e-5)
-        torch.testing.assert_close(mean, x.mean((2, 3)))
-        torch.testing.assert_close(var, x.var((2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
-        sgx, sg = _spatial_sums(g, x)
-        torch.testing.assert_close(sgx, (g * x).sum((2, 3)), rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(sg, g.sum((2, 3)), rtol=1e-5, atol=1e-5)
-        scale, shift = torch.randn(3, 4), torch.randn(1, 4)
-        torch.testing.assert_close(_affine(x, scale, shift), x * scale[..., None, None] + shift[..., None, None])
-
-
 def test_bf16_autocast_keeps_float32_statistics():
     torch.manual_seed(0)
     conv, sn = nn.Conv2d(3, 4, 3), SwitchNorm2d(4)
@@ -386,7 +367,8 @@ def test_bf16_autocast_keeps_float32_statistics():
     # Same bf16 values normalised entirely in float32: differs only by the final bf16 rounding.
     want = sn_ref(h.detach().float())
     torch.testing.assert_close(y.float(), want, atol=0, rtol=2 ** -8)
-    torch.testing.assert_close(sn.running_mean, sn_ref.running_mean, atol=0, rtol=0)
+    # float32 statistics either way; the bf16 input's reduction sums in another order (1 ulp).
+    torch.testing.assert_close(sn.running_mean, sn_ref.running_mean, atol=0, rtol=1e-6)
     y.float().square().sum().backward()
     assert conv.weight.grad is not None and torch.isfinite(sn.mean_weight.grad).all()
 
