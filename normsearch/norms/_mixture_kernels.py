@@ -1,0 +1,146 @@
+"""The pixel-layout kernels of Mixture Normalization: posteriors of every pixel under a diagonal
+GMM, per-component moments, and the Eq. 34-37 transform with its hand-written backward.
+
+Kalayeh & Shah, "Training Faster by Separating Modes of Variation in Batch-normalized Models",
+TPAMI 2019, Eq. 31 (posteriors) and Eq. 34-37 (the transform). The layer, the GMM fit and the
+inference queue live in :mod:`normsearch.norms.mixture`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._gmm import softmax
+
+# Pixels are held either channels-first, (N, C, L) (NCHW input), or channels-last, (N, L, C)
+# (channels_last input); ``cl`` says which. Posteriors then have shape (N, K, L) or (N, L, K). In the
+# channels-last case the posteriors are stored component-major, as a (K, N*L) matrix that the
+# (N, L, K) tensor views: a softmax over a last dimension of size K is ~20x slower on CPU than over
+# a leading one, and (K, N*L) @ (N*L, C) products are single well-shaped matrix products. The
+# helpers below keep every big tensor contiguous in the input's own layout.
+
+
+def _k_major(nu: Tensor) -> Tensor:
+    """Channels-last posteriors (N, L, K) as the (K, N*L) matrix (a view when stored component-major)."""
+    return nu.permute(2, 0, 1).reshape(nu.shape[2], -1)
+
+
+def _from_k_major(nu_kp: Tensor, n: int) -> Tensor:
+    """(K, N*L) component-major posteriors -> the (N, L, K) view."""
+    return nu_kp.view(nu_kp.shape[0], n, -1).permute(1, 2, 0)
+
+
+def _spread(s: Tensor, nu: Tensor, cl: bool, out: Tensor | None = None, accumulate: bool = False) -> Tensor:
+    """``sum_k nu[.., k, ..] s[k, c]``: (K, C) per-component values, posteriors -> pixel layout.
+
+    Args:
+        out: optional contiguous tensor of the result's shape to write into (no allocation).
+        accumulate: add the result to ``out`` in place instead of overwriting it.
+    """
+    n = nu.shape[0]
+    if cl:
+        shape = (n, nu.shape[1], s.shape[1])
+        if out is None:
+            return torch.mm(_k_major(nu).T, s).view(shape)
+        flat = out.view(-1, s.shape[1])
+        if accumulate:
+            return flat.addmm_(_k_major(nu).T, s).view(shape)
+        return torch.mm(_k_major(nu).T, s, out=flat).view(shape)
+    weights = s.T.expand(n, -1, -1)
+    if accumulate and out is not None:
+        return out.baddbmm_(weights, nu)
+    return torch.bmm(weights, nu, out=out)
+
+
+def _moment(x: Tensor, nu: Tensor, cl: bool) -> Tensor:
+    """``sum_i nu_k(i) x_c(i)`` over all pixels: (K, C)."""
+    if cl:
+        return _k_major(nu) @ x.reshape(-1, x.shape[2])
+    return torch.bmm(nu, x.transpose(1, 2)).sum(0)
+
+
+def _posteriors(x: Tensor, x_sq: Tensor, log_weights: Tensor, means: Tensor, variances: Tensor,
+                cl: bool) -> Tensor:
+    """Posteriors nu_k(x_i) of every pixel under a diagonal GMM, by two matrix products and a softmax.
+
+    ``log(lambda_k N(x | mu_k, sigma_k^2)) = log lambda_k - 0.5 (sum_c x_c^2 / sigma_kc^2
+    - 2 sum_c x_c mu_kc / sigma_kc^2 + const_k)``: linear in the features ``x`` and ``x ** 2``.
+
+    Args:
+        x: pixels (N, C, L) or (N, L, C), centred like ``means``.
+        x_sq: ``x ** 2`` (shared with the statistics, so computed once).
+        log_weights: (K,) log mixture weights (-inf for dropped components: posterior 0).
+        means: (K, C).
+        variances: (K, C), positive.
+        cl: channels-last layout.
+
+    Returns:
+        (N, K, L), or (N, L, K) viewing a (K, N*L) tensor when ``cl``.
+    """
+    precisions = variances.reciprocal()
+    channels = means.shape[1]
+    const = (means.square() * precisions).sum(1) + variances.log().sum(1) + channels * math.log(2 * math.pi)
+    bias = (log_weights - 0.5 * const).unsqueeze(1)  # (K, 1)
+    if cl:
+        log_prob = torch.addmm(bias, -0.5 * precisions, x_sq.reshape(-1, channels).T)  # (K, N*L)
+        log_prob = log_prob.addmm_(means * precisions, x.reshape(-1, channels).T)
+        return _from_k_major(softmax(log_prob, dim=0), x.shape[0])
+    n = x.shape[0]
+    log_prob = torch.baddbmm(bias.unsqueeze(0), (-0.5 * precisions).expand(n, -1, -1), x_sq)
+    log_prob = log_prob.baddbmm_((means * precisions).expand(n, -1, -1), x)
+    return softmax(log_prob, dim=1)
+
+
+class _MixtureNormalize(torch.autograd.Function):
+    """Eq. 34-37 with constant posteriors and a hand-written backward (fewer passes than autograd).
+
+    Forward: ``E1 = nu^T x / mass``, ``var = max(nu^T x^2 / mass - E1^2, 0)``,
+    ``s = gamma / (sqrt(lambda) sqrt(var + eps))``, ``y = x * (nu @ s) - nu @ (s E1 - beta)``.
+    Backward with G = nu^T g, H = nu^T (x g) (per component and channel):
+    ``dE1 = (-s G - 2 E1 dvar) / mass``, ``dvar = -0.5 s (H - E1 G) / (var + eps)``,
+    ``dx = g (nu @ s) + nu @ dE1 + 2 x (nu @ (dvar / mass))``,
+    ``dgamma = sum_k (s/gamma) (H - E1 G)``, ``dbeta = sum_k G``. Checked against autograd in the tests.
+    The full-size ``nu @ s`` of the forward is kept for the backward; the backward builds ``dx``
+    in place in the buffer of ``x * g`` (accumulating matrix products), so it allocates one
+    full-size tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_sq, nu, mass, weight, bias, eps, cl):
+        k_dim = 2 if cl else 1
+        mean = _moment(x, nu, cl) / mass.unsqueeze(1)  # (K, C)
+        pre_var = _moment(x_sq, nu, cl) / mass.unsqueeze(1) - mean.square()
+        var = pre_var.clamp_min(0)
+        points = nu.numel() // nu.shape[k_dim]
+        scale = torch.rsqrt(var + eps) * torch.rsqrt(mass / points).unsqueeze(1)  # 1/(sqrt(lam) sigma)
+        s = scale if weight is None else scale * weight
+        offset = s * mean if bias is None else s * mean - bias
+        spread_s = _spread(s, nu, cl)
+        y = _spread(-offset, nu, cl).addcmul_(x, spread_s)
+        ctx.save_for_backward(x, nu, mass, weight, mean, scale, var, pre_var >= 0, spread_s)
+        ctx.eps, ctx.cl = eps, cl
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, nu, mass, weight, mean, scale, var, unclamped, spread_s = ctx.saved_tensors
+        cl = ctx.cl
+        g_sum = _moment(grad_y, nu, cl)  # G (K, C)
+        xg = x * grad_y
+        gx_sum = _moment(xg, nu, cl)  # H (K, C)
+        centred = gx_sum - mean * g_sum  # sum_i nu g (x - E1)
+        grad_weight = (scale * centred).sum(0) if weight is not None and ctx.needs_input_grad[4] else None
+        grad_bias = g_sum.sum(0) if ctx.needs_input_grad[5] else None
+        s = scale if weight is None else scale * weight
+        d_var = torch.where(unclamped, -0.5 * s * centred / (var + ctx.eps), torch.zeros_like(var))
+        d_e1 = (-s * g_sum - 2.0 * mean * d_var) / mass.unsqueeze(1)
+        # dx = x * (nu @ q) + g * (nu @ s) + nu @ dE1, built in the buffer of x * g (one allocation).
+        buf = xg if xg.is_contiguous() and xg.dtype == x.dtype else None
+        grad_x = _spread(2.0 * d_var / mass.unsqueeze(1), nu, cl, out=buf).mul_(x).addcmul_(grad_y, spread_s)
+        grad_x = _spread(d_e1, nu, cl, out=grad_x, accumulate=True)
+        return grad_x, None, None, None, grad_weight, grad_bias, None, None
