@@ -123,11 +123,7 @@ def _kmeans_pp_init(x: Tensor, x_sq: Tensor, k: int, generator: torch.Generator 
 
 def _moments(x: Tensor) -> Tensor:
     """(M, C) -> (M, 2C) ``[x, x**2]``: one matrix product then serves the E-step and the M-step."""
-    c = x.shape[1]
-    out = x.new_empty(x.shape[0], 2 * c)
-    out[:, :c] = x
-    torch.square(x, out=out[:, c:])
-    return out
+    return torch.cat([x, x.square()], 1)
 
 
 # exp() of arguments below about -87 (float32) underflows, and on CPU that path is ~50x slower

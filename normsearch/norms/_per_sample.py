@@ -27,7 +27,8 @@ def _var_mean_is_fast(x: Tensor) -> bool:
 
 
 def _bn_kernel_ok(x: Tensor, *others: Tensor) -> bool:
-    """Whether per-(sample, channel) work on ``x`` may run as BatchNorm over a (1, N*C, H*W) view.
+    """Whether per-(sample, channel) work on ``x`` may run as BatchNorm over a (1, N*C, H*W) view
+    (or, for the moments, as GroupNorm with one group per channel).
 
     On CPU, BatchNorm's kernels compute ``x * a + b`` and the pair of sums ``sum(g * x)``,
     ``sum(g)`` per channel about twice as fast as ``addcmul`` and ``mul`` + two ``sum`` calls over
