@@ -84,8 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
         task = bar.add_task(args.name, total=None)
+
+        def report(text: str, done: int, total: int) -> None:
+            bar.update(task, description=text, completed=done, total=total)
+            if not console.is_terminal:  # redirected to a log: one plain line per finished epoch
+                print(f"[{done}/{total}] {time.perf_counter() - start:.0f} s  {text}", file=sys.stderr, flush=True)
+
+        start = time.perf_counter()
         try:
             opts = ReproduceOptions(
                 seeds=args.seeds or (10 if args.name == "sl-cnn" else 1), device=args.device, threads=args.threads,
@@ -93,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 val_size=args.val_size, test_size=args.test_size, batch_size=args.batch_size, steps=args.steps,
                 budget=args.budget, eval_every=args.eval_every, epochs_scale=args.epochs_scale,
                 steps_per_epoch=args.steps_per_epoch,
-                progress=lambda text, done, total: bar.update(task, description=text, completed=done, total=total))
-            start = time.perf_counter()
+                progress=report)
             rows = run_experiment(args.name, opts)
         except (ValueError, TypeError, DataError) as exc:
             console.print(f"[red]error:[/red] {exc}")

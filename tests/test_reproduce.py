@@ -64,7 +64,12 @@ def test_sl_cnn_script_end_to_end(root, tmp_path, capsys):
         assert (r["runs"], r["seeds"]) == ("2", "2")
         assert 0.0 <= float(r["ours_mean"]) <= 100.0 and float(r["ours_std"]) >= 0.0
         assert r["budget"].startswith("6 steps x batch 64")
-    assert "sl-cnn: ours vs paper" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "sl-cnn: ours vs paper" in captured.out
+    # not a terminal: progress comes as plain lines, one per finished epoch, the last one complete
+    lines = [line for line in captured.err.splitlines() if line.startswith("[")]
+    done, total = lines[-1][1:].split("]")[0].split("/")
+    assert lines[0].startswith("[1/") and done == total and len(lines) == int(total)
 
 
 @needs_data
