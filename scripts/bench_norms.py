@@ -21,7 +21,8 @@ under which every normalizer pays page faults for its fresh temporaries, the one
 temporaries (MixtureNorm, ModeNorm) more than BatchNorm.
 
 Normalizers are given as comma-separated ``name`` or ``name:key=value:key=value`` items (values
-parsed as Python literals). Names not registered (yet) or kwargs a layer rejects are skipped with
+parsed as Python literals); a ``+sl`` suffix (e.g. ``none+sl``) adds the standardization loss
+(Collins et al.) of every slot's output with weight 1, as a search space's ``std_loss`` does. Names not registered (yet) or kwargs a layer rejects are skipped with
 a note, as is a normalizer that raises while being built or warmed up.
 
 Usage:
@@ -47,7 +48,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from normsearch.models import create_model
-from normsearch.norms import create_norm_layer, list_norms
+from normsearch.norms import StandardizationLossTap, create_norm_layer, list_norms, standardization_loss
+from normsearch.surgery import find_norm_slots
 from normsearch.train import keep_freed_memory
 
 DEFAULT_NORMS = (
@@ -63,15 +65,16 @@ CSV_FIELDS = ["section", "norm", "memory_format", "ms", "ratio_vs_bn", "target",
 
 @dataclass(frozen=True)
 class NormChoice:
-    """A normalizer name and its keyword arguments."""
+    """A normalizer name, its keyword arguments, and whether the standardization loss is added."""
 
     name: str
     kwargs: tuple[tuple[str, Any], ...] = ()
+    std_loss: bool = False
 
     @property
     def label(self) -> str:
         args = ",".join(f"{k}={v}" for k, v in self.kwargs)
-        return f"{self.name}({args})" if args else self.name
+        return (f"{self.name}({args})" if args else self.name) + ("+sl" if self.std_loss else "")
 
     def norm_layer(self) -> Callable[[int], nn.Module]:
         """``norm_layer(num_features)`` for the model factories (a picklable partial)."""
@@ -89,6 +92,7 @@ def parse_norms(text: str) -> list[NormChoice]:
     """
     choices = []
     for item in filter(None, (i.strip() for i in text.split(","))):
+        item, std_loss = (item[:-3], True) if item.endswith("+sl") else (item, False)
         name, *pairs = item.split(":")
         kwargs = {}
         for pair in pairs:
@@ -99,7 +103,7 @@ def parse_norms(text: str) -> list[NormChoice]:
                 kwargs[key.strip()] = ast.literal_eval(value.strip())
             except (ValueError, SyntaxError):
                 kwargs[key.strip()] = value.strip()
-        choices.append(NormChoice(name.strip(), tuple(sorted(kwargs.items()))))
+        choices.append(NormChoice(name.strip(), tuple(sorted(kwargs.items())), std_loss))
     return choices
 
 
@@ -130,18 +134,23 @@ class TrainStep:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         self.x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, 10, (batch_size,), device=device)
+        self.tap = StandardizationLossTap(self.model, find_norm_slots(self.model)) if choice.std_loss else None
+        if self.tap is not None:
+            self.tap.__enter__()  # hooks stay for the bench's lifetime
 
     def __call__(self) -> None:
         self.opt.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(self.x), self.y).backward()
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        (loss if self.tap is None else loss + self.tap.pop()).backward()
         self.opt.step()
 
 
 class LayerStep:
     """Forward + backward of one normalizer on a fixed (batch, 16, 32, 32) activation."""
 
-    def __init__(self, layer: nn.Module, fmt: torch.memory_format, batch_size: int, device: torch.device):
-        self.layer = layer.to(device).train()
+    def __init__(self, layer: nn.Module, fmt: torch.memory_format, batch_size: int, device: torch.device,
+                 std_loss: bool = False):
+        self.layer, self.std_loss = layer.to(device).train(), std_loss
         shape = (batch_size, LAYER_CHANNELS, LAYER_SIZE, LAYER_SIZE)
         self.x = torch.randn(shape, device=device).contiguous(memory_format=fmt).requires_grad_(True)
         self.grad = torch.randn(shape, device=device).contiguous(memory_format=fmt)
@@ -149,7 +158,11 @@ class LayerStep:
     def __call__(self) -> None:
         self.x.grad = None
         self.layer.zero_grad(set_to_none=True)
-        self.layer(self.x).backward(self.grad)
+        y = self.layer(self.x)
+        if self.std_loss:
+            torch.autograd.backward([y, standardization_loss(y)], [self.grad, None])
+        else:
+            y.backward(self.grad)
 
 
 @dataclass
@@ -209,7 +222,7 @@ def build_cases(choices, formats, batch_size, device, make_step) -> dict[tuple, 
 
 def layer_step(choice: NormChoice, fmt, batch_size: int, device) -> LayerStep:
     layer = nn.BatchNorm2d(LAYER_CHANNELS) if choice == BASELINE else choice.norm_layer()(LAYER_CHANNELS)
-    return LayerStep(layer, fmt, batch_size, device)
+    return LayerStep(layer, fmt, batch_size, device, choice.std_loss)
 
 
 def rows_for(section: str, seconds: dict[tuple, float], with_targets: bool) -> list[dict[str, Any]]:
@@ -217,7 +230,7 @@ def rows_for(section: str, seconds: dict[tuple, float], with_targets: bool) -> l
     for (choice, fmt), sec in seconds.items():
         base = seconds.get((BASELINE, fmt))
         ratio = sec / base if base else float("nan")
-        target = TARGETS.get(choice.name) if with_targets else None
+        target = TARGETS.get(choice.name) if with_targets and not choice.std_loss else None
         status = "" if target is None else ("pass" if ratio <= target else "miss")
         rows.append(dict(section=section, norm=choice.label, memory_format=fmt, ms=1e3 * sec,
                          ratio_vs_bn=ratio, target=target or "", status=status))
