@@ -22,8 +22,9 @@ temporaries (MixtureNorm, ModeNorm) more than BatchNorm.
 
 Normalizers are given as comma-separated ``name`` or ``name:key=value:key=value`` items (values
 parsed as Python literals); a ``+sl`` suffix (e.g. ``none+sl``) adds the standardization loss
-(Collins et al.) of every slot's output with weight 1, as a search space's ``std_loss`` does. Names not registered (yet) or kwargs a layer rejects are skipped with
-a note, as is a normalizer that raises while being built or warmed up.
+(Collins et al.) of every slot's output with weight 1, as a search space's ``std_loss`` does. Names
+not registered (yet) or kwargs a layer rejects are skipped with a note, as is a normalizer that
+raises while being built or warmed up.
 
 Usage:
     python scripts/bench_norms.py [--device auto] [--threads N] [--steps 10] [--warmup 3]

@@ -213,7 +213,9 @@ def load_bundle(opts: ReproduceOptions, preferred: str, val_size: int) -> tuple[
     """The data: ``opts.dataset`` if given, else ``preferred``, else :data:`FALLBACK_DATASET`.
 
     Returns:
-        ``(bundle, label)``; the label names the fallback, e.g. ``"fashion_mnist (cifar10 unavailable)"``.
+        ``(bundle, label)``; the label names the fallback, e.g. ``"fashion_mnist (cifar10 unavailable)"``,
+        and the split sizes when ``opts`` subsamples any split, e.g. ``"...; subsampled to 256 train /
+        64 val / 100 test images"``.
 
     Raises:
         DataError: the requested dataset (or the fallback) cannot be read.
@@ -226,11 +228,15 @@ def load_bundle(opts: ReproduceOptions, preferred: str, val_size: int) -> tuple[
                                     test_size=opts.test_size))
 
     try:
-        return load(name), name
+        bundle, label = load(name), name
     except DataError:
         if opts.dataset is not None or name == FALLBACK_DATASET:
             raise
-    return load(FALLBACK_DATASET), f"{FALLBACK_DATASET} ({name} unavailable)"
+        bundle, label = load(FALLBACK_DATASET), f"{FALLBACK_DATASET} ({name} unavailable)"
+    if any(size is not None for size in (opts.train_size, opts.val_size, opts.test_size)):
+        label += (f"; subsampled to {len(bundle.train)} train / {len(bundle.val)} val / "
+                  f"{len(bundle.test)} test images")
+    return bundle, label
 
 
 def batches_per_epoch(bundle: DataBundle, batch_size: int) -> int:
