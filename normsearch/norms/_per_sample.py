@@ -114,14 +114,39 @@ def _reference_norm(x: Tensor, affine_fn, *params: Tensor | None) -> tuple[Tenso
     return (y, *aux)
 
 
+class _ManualAffine:
+    """An ``affine_fn`` for :func:`_per_sample_norm` that carries its own gradient.
+
+    Subclasses implement :meth:`forward` (plain differentiable ops, returning the outputs and what
+    the gradient needs) and :meth:`backward` (the vector-Jacobian product written out). The kernel
+    then runs :meth:`forward` without autograd and calls :meth:`backward` directly: for the ~20
+    tiny (N, C) ops of the mode arithmetic that is ~4x cheaper on CPU than recording them and
+    replaying them with ``torch.autograd.grad``. Called as a function, the map is :meth:`forward`'s
+    outputs, differentiable by autograd (reference, ``torch.compile`` and double-backward path).
+    """
+
+    def forward(self, var_n: Tensor, mean_n: Tensor, *params: Tensor | None) -> tuple[tuple[Tensor, ...], tuple]:
+        """``((scale, shift, *aux), saved)``: the map's outputs and the tensors :meth:`backward` needs."""
+        raise NotImplementedError
+
+    def backward(self, saved: tuple, d_scale: Tensor, d_shift: Tensor) -> tuple[Tensor | None, ...]:
+        """Gradients w.r.t. ``(var_n, mean_n, *params)`` (None for a None param), in their dtypes,
+        given the (N, C) gradients of ``scale`` and ``shift`` (``aux`` takes no gradient)."""
+        raise NotImplementedError
+
+    def __call__(self, var_n: Tensor, mean_n: Tensor, *params: Tensor | None) -> tuple[Tensor, ...]:
+        return self.forward(var_n, mean_n, *params)[0]
+
+
 class _PerSampleNorm(torch.autograd.Function):
     """``y = x * scale + shift`` where ``(scale, shift, *aux) = affine_fn(var_n, mean_n, *params)``.
 
     ``var_n``/``mean_n`` are the (N, C) spatial moments of ``x`` and ``affine_fn`` is the small
-    gate/estimator arithmetic of MN or MGN on (N, C) tensors. Autograd over the two big passes is
-    replaced by a lean backward: ``affine_fn``'s graph is built in the forward on detached leaves
-    and differentiated with ``torch.autograd.grad`` given ``sum_hw(g * x)`` and ``sum_hw(g)``; the
-    input gradient ``g * scale + x * p + q`` (``p``, ``q`` from the moments' gradients) is then
+    gate/estimator arithmetic of MN, MGN or SN on (N, C) tensors. Autograd over the two big passes
+    is replaced by a lean backward given ``sum_hw(g * x)`` and ``sum_hw(g)``, the gradients of
+    ``scale`` and ``shift``: a :class:`_ManualAffine` applies its written-out gradient; any other
+    ``affine_fn`` has its graph built in the forward on detached leaves and differentiated with
+    ``torch.autograd.grad``. The input gradient ``g * scale + x * p + q`` (``p``, ``q`` from the moments' gradients) is then
     one fused pass plus one in-place ``addcmul_``. Under ``create_graph=True`` the backward
     differentiates :func:`_reference_norm` instead, so double backward works.
     """
@@ -129,12 +154,17 @@ class _PerSampleNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, affine_fn, *params):  # type: ignore[override]
         var_n, mean_n, scratch = _spatial_moments(x)
-        leaves = [var_n.requires_grad_(), mean_n.requires_grad_()]
-        leaves += [None if p is None else p.detach().requires_grad_(p.requires_grad) for p in params]
-        with torch.enable_grad():
-            scale, shift, *aux = affine_fn(*leaves)
+        if isinstance(affine_fn, _ManualAffine):
+            (scale, shift, *aux), saved = affine_fn.forward(var_n, mean_n, *params)
+            ctx.graph = None
+        else:
+            leaves = [var_n.requires_grad_(), mean_n.requires_grad_()]
+            leaves += [None if p is None else p.detach().requires_grad_(p.requires_grad) for p in params]
+            with torch.enable_grad():
+                scale, shift, *aux = affine_fn(*leaves)
+            saved, ctx.graph = None, (leaves, scale, shift)
         ctx.save_for_backward(x, *params)
-        ctx.affine_fn, ctx.graph = affine_fn, (leaves, scale, shift)
+        ctx.affine_fn, ctx.saved, ctx.small = affine_fn, saved, (mean_n.detach(), scale.detach())
         aux = [a.detach() for a in aux]
         ctx.mark_non_differentiable(*aux)
         return (_scale_shift(x, scale.detach(), shift.detach(), out=scratch), *aux)
@@ -149,15 +179,18 @@ class _PerSampleNorm(torch.autograd.Function):
                 y = _reference_norm(x, ctx.affine_fn, *params)[0]
             found = iter(torch.autograd.grad(y, inputs, grad, create_graph=True, allow_unused=True))
             return (next(found) if need_x else None, None, *(next(found) if n else None for n in need_params))
-        leaves, scale, shift = ctx.graph
-        var_n, mean_n = leaves[:2]
+        mean_n, scale = ctx.small
         sum_gx, sum_g, scratch = _spatial_sums(grad, x, scale.dtype)
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        # retain_graph: the outer backward may run again (retain_graph=True there, e.g. gradcheck);
-        # the small graph dies with ctx either way.
-        found = dict(zip(map(id, wanted), torch.autograd.grad(
-            (scale, shift), wanted, (sum_gx, sum_g), retain_graph=True, allow_unused=True)))
-        grads = [found.get(id(t)) if t is not None else None for t in leaves]
+        if ctx.graph is None:
+            grads = list(ctx.affine_fn.backward(ctx.saved, sum_gx, sum_g))
+        else:
+            leaves, graph_scale, graph_shift = ctx.graph
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
+            # retain_graph: the outer backward may run again (retain_graph=True there, e.g.
+            # gradcheck); the small graph dies with ctx either way.
+            found = dict(zip(map(id, wanted), torch.autograd.grad(
+                (graph_scale, graph_shift), wanted, (sum_gx, sum_g), retain_graph=True, allow_unused=True)))
+            grads = [found.get(id(t)) if t is not None else None for t in leaves]
         grad_x = None
         if need_x:
             hw = x.size(2) * x.size(3)
