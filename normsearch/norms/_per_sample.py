@@ -1,10 +1,11 @@
-"""The fused per-(sample, channel) normalization behind ModeNorm2d and ModeGroupNorm2d.
+"""The fused per-(sample, channel) normalization behind ModeNorm2d, ModeGroupNorm2d and SwitchNorm2d.
 
 A layer whose output is ``x * scale[n, c] + shift[n, c]``, with ``scale`` and ``shift`` computed from
 the per-(sample, channel) spatial moments of ``x`` by some small differentiable function
 ``affine_fn``, runs here in one reduction pass and one elementwise pass, forward and backward,
-without autograd recording any full-size intermediate (see :class:`_PerSampleNorm`). The
-mode arithmetic itself (Deecke et al., Alg. 1 and 3) lives in :mod:`normsearch.norms.mode`.
+without autograd recording any full-size intermediate (see :class:`_PerSampleNorm`). The small
+arithmetic with its hand-derived gradient lives in :mod:`normsearch.norms._mode_arith` (Deecke
+et al., Alg. 1 and 3) and :mod:`normsearch.norms._switch_arith` (Luo et al., Eq. 3-5).
 """
 
 from __future__ import annotations
@@ -146,8 +147,8 @@ class _PerSampleNorm(torch.autograd.Function):
     is replaced by a lean backward given ``sum_hw(g * x)`` and ``sum_hw(g)``, the gradients of
     ``scale`` and ``shift``: a :class:`_ManualAffine` applies its written-out gradient; any other
     ``affine_fn`` has its graph built in the forward on detached leaves and differentiated with
-    ``torch.autograd.grad``. The input gradient ``g * scale + x * p + q`` (``p``, ``q`` from the moments' gradients) is then
-    one fused pass plus one in-place ``addcmul_``. Under ``create_graph=True`` the backward
+    ``torch.autograd.grad``. The input gradient ``g * scale + x * p + q`` (``p``, ``q`` from the
+    moments' gradients) is then one fused pass plus one in-place ``addcmul_``. Under ``create_graph=True`` the backward
     differentiates :func:`_reference_norm` instead, so double backward works.
     """
 

@@ -8,9 +8,9 @@ average), Sec. 2.1 "Variants of SN" (sparse SN by argmax).
 Speed: the layer is ``x * scale[n, c] + shift[n, c]`` with ``scale``/``shift`` depending on ``x``
 only through its IN moments, so it runs on the fused per-(sample, channel) kernel it shares with
 ModeNorm (:func:`normsearch.norms._per_sample._per_sample_norm`): one statistics pass and one
-``x * scale + shift`` pass forward, one fused reduction and one elementwise pass backward; only
-the mixing of Eq. 3-5 is recorded by autograd, on (N, C) tensors. Under ``torch.compile`` and for
-double backward that kernel falls back to plain differentiable ops.
+``x * scale + shift`` pass forward, one fused reduction and one elementwise pass backward. The
+mixing of Eq. 3-5 on (N, C) tensors has a hand-derived gradient (:mod:`._switch_arith`). Under
+``torch.compile`` and for double backward that kernel falls back to plain differentiable ops.
 """
 
 from __future__ import annotations
@@ -21,52 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ._per_sample import _autocast_off, _per_sample_norm, _stat_dtype
+from ._switch_arith import KINDS, SwitchNormAffine, scope_stats
 from ._registry import register_norm
-
-_KINDS = ("in", "ln", "bn")
-
-
-def _scope_stats(kind: str, mu_in: Tensor, var_in: Tensor,
-                 bn_mean: Tensor | None, bn_var: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance of one scope (Eq. 4), broadcastable to (N, C).
-
-    LN (over C, ``dim=1``) and BN (over N, ``dim=0``) use the law of total variance,
-    ``var = mean(var_in) + mean((mu_in - mu)^2)``, which equals Eq. 4's
-    ``mean(var_in + mu_in^2) - mu^2`` without its cancellation (written out: ``torch.var_mean``
-    on these small tensors costs ~4x more on CPU, forward and backward). In eval mode the BN
-    statistics are ``bn_mean``/``bn_var``.
-    """
-    if kind == "in":
-        return mu_in, var_in
-    if kind == "bn" and bn_mean is not None:
-        return bn_mean, bn_var
-    dim = 1 if kind == "ln" else 0
-    mu = mu_in.mean(dim, keepdim=True)
-    return mu, (var_in + (mu_in - mu).square()).mean(dim, keepdim=True)
-
-
-def _weighted_sum(weights: tuple[Tensor, ...], values: list[Tensor]) -> Tensor:
-    out = values[0] * weights[0]
-    for w, v in zip(weights[1:], values[1:]):
-        out = torch.addcmul(out, v, w)
-    return out
-
-
-def _mix_scale_shift(mu_in, var_in, weight, bias, mean_logits, var_logits, bn_mean, bn_var,
-                     eps: float, sparse: bool) -> tuple[Tensor, Tensor]:
-    """Eq. 3 folded into ``y = x * scale + shift``; returns (N, C) or (1, C) ``scale, shift``."""
-    kinds = _KINDS[: mean_logits.numel()]
-    if sparse:
-        pick_mean, pick_var = kinds[int(mean_logits.argmax())], kinds[int(var_logits.argmax())]
-        stats = {k: _scope_stats(k, mu_in, var_in, bn_mean, bn_var) for k in {pick_mean, pick_var}}
-        mean, var = stats[pick_mean][0], stats[pick_var][1]
-    else:
-        stats = [_scope_stats(k, mu_in, var_in, bn_mean, bn_var) for k in kinds]
-        mean = _weighted_sum(mean_logits.softmax(0).unbind(), [s[0] for s in stats])
-        var = _weighted_sum(var_logits.softmax(0).unbind(), [s[1] for s in stats])
-    scale = weight * torch.rsqrt(var + eps)
-    return scale, torch.addcmul(bias, mean, scale, value=-1.0)
-
 
 @register_norm(
     "switchnorm",
@@ -168,7 +124,7 @@ class SwitchNorm2d(nn.Module):
     @property
     def kinds(self) -> tuple[str, ...]:
         """Scopes mixed by this layer, in the order of ``mean_weight``/``var_weight``."""
-        return _KINDS[: self.mean_weight.numel()]
+        return KINDS[: self.mean_weight.numel()]
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.num_features:
@@ -182,14 +138,10 @@ class SwitchNorm2d(nn.Module):
         bn_mean = bn_var = None
         if self.using_bn and not self.training:
             bn_mean, bn_var = (b.to(_stat_dtype(x))[None] for b in (self.running_mean, self.running_var))
+        affine_fn = SwitchNormAffine(self.eps, self.sparse, bn_mean, bn_var)
         if self._bn_only_from_buffers(bn_mean):  # sparse eval picking BN twice: no IN moments needed
-            scale, shift = _mix_scale_shift(None, None, *params, bn_mean, bn_var, self.eps, True)
+            scale, shift = affine_fn(None, None, *params)[:2]
             return torch.addcmul(shift[:, :, None, None], x.to(scale.dtype), scale[:, :, None, None]).to(x.dtype)
-
-        def affine_fn(var_in: Tensor, mu_in: Tensor, *mix_params: Tensor) -> tuple[Tensor, ...]:
-            scale, shift = _mix_scale_shift(mu_in, var_in, *mix_params, bn_mean, bn_var, self.eps, self.sparse)
-            return scale.expand_as(mu_in), shift.expand_as(mu_in), mu_in, var_in
-
         y, mu_in, var_in = _per_sample_norm(x, affine_fn, *params)
         if self.using_bn and self.training:
             self._track(mu_in, var_in, x.shape[0] * x.shape[2] * x.shape[3])
@@ -204,7 +156,7 @@ class SwitchNorm2d(nn.Module):
     @torch.no_grad()
     def _track(self, mu_in: Tensor, var_in: Tensor, count: int) -> None:
         """Feed this batch's BN statistics to the batch average or the moving average."""
-        mean, var = _scope_stats("bn", mu_in, var_in, None, None)
+        mean, var = scope_stats("bn", mu_in, var_in, None, None)
         if count > 1:
             var = var * (count / (count - 1))
         mean, var = mean[0].to(self.running_mean.dtype), var[0].to(self.running_var.dtype)
