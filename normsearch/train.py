@@ -45,7 +45,8 @@ from .norms.standardization import StandardizationLossTap
 
 __all__ = [
     "COMPILE_MIN_STEPS", "TIMING_WARMUP_STEPS", "CompiledForward", "EpochLRFactor", "EpochReport",
-    "FitResult", "Trainer", "TrialDiverged", "keep_freed_memory", "resolve_device", "set_seed",
+    "FitResult", "Trainer", "TrialDiverged", "compiles_well", "keep_freed_memory", "resolve_device",
+    "set_seed",
 ]
 
 #: Steps at the start of each ``fit`` excluded from ``step_time_s``/``images_per_s`` (allocator,
@@ -57,6 +58,14 @@ _ACCEL_CHECK_EVERY = 50
 # TrainConfig.compile="auto" compiles a fit of at least this many planned training steps
 # (epochs x steps per epoch), per device type; see TrainConfig's docstring for the measurements.
 COMPILE_MIN_STEPS = {"cpu": 2000, "cuda": 5000}
+
+
+def compiles_well(model: nn.Module) -> bool:
+    """False if any module of ``model`` sets ``compiles_well = False`` (a layer whose data-dependent
+    Python control flow breaks ``torch.compile``'s graph, e.g. MixtureNorm2d: in ResNet-20 its
+    graph breaks exhaust dynamo's recompile limit and the compiled step is ~1.35x *slower* than
+    eager, ``scripts/bench_compile.py``); ``compile: auto`` then stays eager."""
+    return all(getattr(m, "compiles_well", True) for m in model.modules())
 
 ReportFn = Callable[["EpochReport"], Optional[bool]]
 
@@ -170,7 +179,8 @@ class Trainer:
         amp: whether bf16 autocast is on.
         compile: whether the forward runs through ``torch.compile`` (``cfg.compile``; with
             ``auto`` it is decided by :meth:`fit` from the planned number of steps and
-            :data:`COMPILE_MIN_STEPS`, and is ``False`` until then).
+            :data:`COMPILE_MIN_STEPS`, never for a model that fails :func:`compiles_well`, and is
+            ``False`` until then).
 
     Raises:
         ValueError: negative ``std_loss_weight``, or a bad device.
@@ -297,7 +307,8 @@ class Trainer:
             raise ValueError("train_loader is empty")
         steps = min(cfg.steps_per_epoch or len(train_loader), len(train_loader))
         if cfg.compile == "auto":
-            self._use_compile(cfg.epochs * steps >= COMPILE_MIN_STEPS.get(self.device.type, math.inf))
+            self._use_compile(cfg.epochs * steps >= COMPILE_MIN_STEPS.get(self.device.type, math.inf)
+                              and compiles_well(self.model))
         optimizer = self._make_optimizer()
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, EpochLRFactor(cfg.schedule, cfg.epochs)

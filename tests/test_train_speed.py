@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 import normsearch.train as train_mod
 from normsearch.config import TrainConfig
-from normsearch.norms import ModeGroupNorm2d, ModeNorm2d
+from normsearch.norms import MixtureNorm2d, ModeGroupNorm2d, ModeNorm2d
 from normsearch.train import CompiledForward, Trainer
 
 
@@ -76,6 +76,20 @@ def test_auto_compiles_only_fits_of_enough_planned_steps(monkeypatch, min_steps,
     assert trainer.compile is False  # decided by fit
     trainer.fit(_data(48, 0, 16), _data(24, 1, 24))
     assert trainer.compile is expected and isinstance(trainer._forward, CompiledForward) is expected
+
+
+def test_auto_leaves_models_with_mixture_norm_eager(monkeypatch):
+    """A layer with ``compiles_well = False`` (MixtureNorm2d) keeps ``auto`` eager however long
+    the fit; an explicit ``compile=True`` still compiles."""
+    monkeypatch.setitem(train_mod.COMPILE_MIN_STEPS, "cpu", 1)
+    model = _ModeNet()
+    assert train_mod.compiles_well(model)
+    model.mgn = MixtureNorm2d(6, num_components=2)
+    assert not train_mod.compiles_well(model)
+    trainer = Trainer(model, _cfg())
+    trainer.fit(_data(48, 0, 16), _data(24, 1, 24))
+    assert trainer.compile is False and trainer._forward is trainer.model
+    assert Trainer(model, _cfg(compile=True)).compile is True
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])

@@ -103,6 +103,10 @@ class MixtureNorm2d(nn.Module):
             C = ``num_features``.
     """
 
+    #: The GMM fit and the queue checks are data-dependent Python control flow: ``torch.compile``
+    #: breaks its graph here, so ``TrainConfig.compile: auto`` leaves models with this layer eager.
+    compiles_well = False
+
     def __init__(
         self,
         num_features: int,
