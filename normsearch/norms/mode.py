@@ -14,8 +14,9 @@ those small tensors (vectorised over K, no Python loop), and finishes with one f
 ``x * scale + shift`` pass, like BatchNorm's own normalize step.
 
 Speed (eager mode; see :mod:`normsearch.norms._per_sample`): autograd never sees the full-size
-passes. The backward reduces ``g`` and ``g * x`` to (N, C) sums, applies the hand-derived gradient
-of the small mode arithmetic (:mod:`normsearch.norms._mode_arith`) and forms ``dx = g * scale + x * p + q`` in one buffer. For contiguous
+passes. The backward reduces ``g`` and ``g * x`` to (N, C) sums, applies the hand-derived
+gradient of the small mode arithmetic (:mod:`normsearch.norms._mode_arith`) and forms
+``dx = g * scale + x * p + q`` in one buffer. For contiguous
 (NCHW) input on CPU the per-(sample, channel) passes run as BatchNorm kernels on an
 (1, N*C, H*W) view (about twice as fast as ``addcmul`` and ``mul`` + ``sum`` there); channels_last
 input uses the generic ops, which are fast in that format. Under ``torch.compile`` the same
