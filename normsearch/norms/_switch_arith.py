@@ -71,10 +71,10 @@ class SwitchNormAffine(_ManualAffine):
         else:
             w_mean, w_var = mean_logits.softmax(0), var_logits.softmax(0)
             used = list(range(len(kinds)))
-        stats = [scope_stats(kinds[i], mu_in, var_in, self.bn_mean, self.bn_var) if i in used else None
+        stats = [scope_stats(kinds[i], mu_in, var_in, self.bn_mean, self.bn_var) if i in used else (None, None)
                  for i in range(len(kinds))]
-        mean = _weighted_sum(w_mean, [s and s[0] for s in stats])
-        var = _weighted_sum(w_var, [s and s[1] for s in stats])
+        means, variances = zip(*stats)
+        mean, var = _weighted_sum(w_mean, list(means)), _weighted_sum(w_var, list(variances))
         inv_std = torch.rsqrt(var + self.eps)
         scale = weight * inv_std
         shift = torch.addcmul(bias, mean, scale, value=-1.0)
