@@ -87,6 +87,17 @@ def _backend(name: str):
     return run_enas
 
 
+def _build_cpu_kernels(cfg: RunConfig) -> None:
+    """Build the fused CPU kernels (:mod:`normsearch.norms._cpu_ext`, ~30 s once per machine) here,
+    before the first trial, if trials run on the CPU and the space offers a layer that uses them."""
+    from .norms import _cpu_ext
+    from .train import resolve_device
+
+    kinds = {choice.kind for rule in cfg.space.layers for choice in rule.choices}
+    if kinds & _cpu_ext.LAYER_KINDS and resolve_device(cfg.train.device).type == "cpu":
+        _cpu_ext.kernels()
+
+
 def run(cfg: RunConfig, *, progress: bool = True) -> RunSummary:
     """Run the whole search described by ``cfg`` and return its summary.
 
@@ -99,6 +110,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunSummary:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     bundle = load_data(cfg.data)
+    _build_cpu_kernels(cfg)
     with SearchProgress(cfg.search.n_trials, cfg.train.epochs, enabled=progress) as prog:
         _backend(cfg.search.backend)(cfg, space, prog)
     study = load_study(cfg)

@@ -22,7 +22,9 @@ temporaries (MixtureNorm, ModeNorm) more than BatchNorm.
 
 Normalizers are given as comma-separated ``name`` or ``name:key=value:key=value`` items (values
 parsed as Python literals); a ``+sl`` suffix (e.g. ``none+sl``) adds the standardization loss
-(Collins et al.) of every slot's output with weight 1, as a search space's ``std_loss`` does. Names
+(Collins et al.) of every slot's output with weight 1, as a search space's ``std_loss`` does; an
+``@plain`` suffix (e.g. ``modenorm:num_components=2@plain``) runs the normalizer without the fused
+CPU kernels of ``normsearch/norms/_cpu_ext.py``, to measure what they save in the same run. Names
 not registered (yet) or kwargs a layer rejects are skipped with a note, as is a normalizer that
 raises while being built or warmed up.
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import csv
 import functools
 import random
@@ -49,6 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from normsearch.models import create_model
+from normsearch.norms import _cpu_ext
 from normsearch.norms import StandardizationLossTap, create_norm_layer, list_norms, standardization_loss
 from normsearch.surgery import find_norm_slots
 from normsearch.train import keep_freed_memory
@@ -71,11 +75,17 @@ class NormChoice:
     name: str
     kwargs: tuple[tuple[str, Any], ...] = ()
     std_loss: bool = False
+    plain_ops: bool = False
 
     @property
     def label(self) -> str:
         args = ",".join(f"{k}={v}" for k, v in self.kwargs)
-        return (f"{self.name}({args})" if args else self.name) + ("+sl" if self.std_loss else "")
+        return ((f"{self.name}({args})" if args else self.name) + ("+sl" if self.std_loss else "")
+                + ("@plain" if self.plain_ops else ""))
+
+    def context(self):
+        """Where the case runs: without the fused CPU kernels for ``@plain`` cases."""
+        return _cpu_ext.disabled() if self.plain_ops else contextlib.nullcontext()
 
     def norm_layer(self) -> Callable[[int], nn.Module]:
         """``norm_layer(num_features)`` for the model factories (a picklable partial)."""
@@ -93,6 +103,7 @@ def parse_norms(text: str) -> list[NormChoice]:
     """
     choices = []
     for item in filter(None, (i.strip() for i in text.split(","))):
+        item, plain_ops = (item[:-6], True) if item.endswith("@plain") else (item, False)
         item, std_loss = (item[:-3], True) if item.endswith("+sl") else (item, False)
         name, *pairs = item.split(":")
         kwargs = {}
@@ -104,7 +115,7 @@ def parse_norms(text: str) -> list[NormChoice]:
                 kwargs[key.strip()] = ast.literal_eval(value.strip())
             except (ValueError, SyntaxError):
                 kwargs[key.strip()] = value.strip()
-        choices.append(NormChoice(name.strip(), tuple(sorted(kwargs.items())), std_loss))
+        choices.append(NormChoice(name.strip(), tuple(sorted(kwargs.items())), std_loss, plain_ops))
     return choices
 
 
@@ -190,10 +201,11 @@ class Bench:
         live = {}
         for key, build in cases.items():
             try:
-                step = build()
-                for _ in range(self.warmup):
-                    step()
-                self.sync()
+                with key[0].context():
+                    step = build()
+                    for _ in range(self.warmup):
+                        step()
+                    self.sync()
             except Exception as exc:  # a broken normalizer must not stop the others
                 self.notes.append(f"dropped {key[0].label} [{key[1]}]: {type(exc).__name__}: {exc}")
                 continue
@@ -203,12 +215,13 @@ class Bench:
         for r in range(self.repeats):
             random.Random(r).shuffle(order)
             for key in order:
-                self.sync()
-                start = time.perf_counter()
-                for _ in range(self.steps):
-                    live[key]()
-                self.sync()
-                times[key].append((time.perf_counter() - start) / self.steps)
+                with key[0].context():
+                    self.sync()
+                    start = time.perf_counter()
+                    for _ in range(self.steps):
+                        live[key]()
+                    self.sync()
+                    times[key].append((time.perf_counter() - start) / self.steps)
         return {key: statistics.median(v) for key, v in times.items()}
 
 

@@ -27,20 +27,25 @@ def test_parse_norms_kwargs_and_standardization_loss_suffix():
                                                              "modenorm(eps=0.0001,num_components=2)")
     assert (b.name, b.std_loss, b.label) == ("none", True, "none+sl")
     assert (c.name, dict(c.kwargs), c.std_loss) == ("batchnorm", {"momentum": 0.2}, True)
+    (d,) = bench.parse_norms("switchnorm+sl@plain")
+    assert (d.name, d.std_loss, d.plain_ops, d.label) == ("switchnorm", True, True, "switchnorm+sl@plain")
     with pytest.raises(ValueError, match="key=value"):
         bench.parse_norms("modenorm:2")
 
 
-def test_quick_run_writes_rows_with_targets_only_for_plain_normalizers(tmp_path, capsys):
+def test_quick_run_writes_rows_with_targets_only_without_standardization_loss(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     load_script().main(["--quick", "--threads", "1", "--formats", "channels_last", "--csv", str(out),
-                        "--norms", "modenorm:num_components=2,modenorm:num_components=2+sl,nosuchnorm"])
+                        "--norms", "modenorm:num_components=2,modenorm:num_components=2+sl,"
+                        "modenorm:num_components=2@plain,nosuchnorm"])
     rows = list(csv.DictReader(out.open()))
     by = {(r["section"], r["norm"]): r for r in rows}
-    labels = ["batchnorm", "modenorm(num_components=2)", "modenorm(num_components=2)+sl"]
+    labels = ["batchnorm", "modenorm(num_components=2)", "modenorm(num_components=2)+sl",
+              "modenorm(num_components=2)@plain"]
     assert set(by) == {(s, n) for s in ("resnet20_train_step", "layer_fwd_bwd") for n in labels}
     assert float(by[("resnet20_train_step", "batchnorm")]["ratio_vs_bn"]) == 1.0
     assert all(float(r["ms"]) > 0 and r["memory_format"] == "channels_last" for r in rows)
     assert by[("resnet20_train_step", "modenorm(num_components=2)")]["target"] == "1.1"
     assert by[("resnet20_train_step", "modenorm(num_components=2)+sl")]["target"] == ""
+    assert by[("resnet20_train_step", "modenorm(num_components=2)@plain")]["target"] == "1.1"
     assert "skipped nosuchnorm: not registered" in capsys.readouterr().out

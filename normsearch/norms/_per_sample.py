@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normsearch.norms import _cpu_ext
+
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
     """Dtype the statistics are computed in: float32 for float16/bfloat16 input, else the input's."""
@@ -39,13 +41,19 @@ def _bn_kernel_ok(x: Tensor, *others: Tensor) -> bool:
     return x.device.type == "cpu" and all(t.is_contiguous() and t.dtype == x.dtype for t in (x, *others))
 
 
+def _fused(*tensors: Tensor):
+    """The compiled channels_last kernels (:mod:`normsearch.norms._cpu_ext`) if they take ``tensors``."""
+    return _cpu_ext.kernels() if _cpu_ext.usable(*tensors) else None
+
+
 def _spatial_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-(sample, channel) biased variance and mean over H, W (no autograd), float32 for 16-bit x.
 
     CUDA: ``torch.var_mean``. CPU, contiguous (NCHW) float input: one pass of the GroupNorm kernel
     with one group per channel and ``eps=0``, whose ``rstd = var^-1/2`` gives ``var = rstd^-2``
     exactly up to rounding (a constant channel gives ``rstd = inf``, ``var = 0``); about 1.8x
-    faster than two passes on 32x32 maps. Otherwise (channels_last, 16-bit) two passes: the mean,
+    faster than two passes on 32x32 maps. CPU, channels_last float: the fused two-pass loop of
+    :mod:`normsearch.norms._cpu_ext` (one read from memory). Otherwise two passes: the mean,
     then the mean of ``(x - mean)**2`` from one fused ``mse_loss`` kernel (stable, unlike
     ``E[x^2] - E[x]^2``).
 
@@ -60,6 +68,8 @@ def _spatial_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         n, c, h, w = x.shape
         _, mean, rstd = torch.native_group_norm(x, None, None, n, c, h * w, c, 0.0)
         return rstd.view(n, c).square().reciprocal(), mean.view(n, c), None
+    if (fused := _fused(x)) is not None:
+        return (*fused.channels_last_moments(x), None)
     mean = x.mean(dim=(2, 3), dtype=dtype)
     centre = mean[:, :, None, None]
     if x.dtype != dtype:
@@ -102,9 +112,24 @@ def _spatial_sums(grad: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, 
             [False, True, True],
         )
         return gx.view(n, c), g.view(n, c), None
+    if x.dtype == dtype and (fused := _fused(x, grad)) is not None:
+        return (*fused.channels_last_sums(grad, x), None)
     prod = grad * x
     scratch = prod if prod.dtype == x.dtype and prod.stride() == x.stride() else None
     return torch.sum(prod, dim=(2, 3), dtype=dtype), torch.sum(grad, dim=(2, 3), dtype=dtype), scratch
+
+
+def _grad_input(grad: Tensor, x: Tensor, scale: Tensor, p: Tensor, q: Tensor, scratch: Tensor | None) -> Tensor:
+    """``grad * scale + x * p + q`` with (N, C) ``scale``, ``p``, ``q`` in the statistics' dtype
+    (no autograd); like ``x`` in shape, dtype and format. For 16-bit ``x`` it is computed in float32
+    and rounded once. ``scratch``: optional free tensor like ``x`` to write into."""
+    if x.dtype == scale.dtype and (fused := _fused(x, grad)) is not None:
+        return fused.channels_last_grad_input(grad, x, scale.contiguous(), p.contiguous(), q.contiguous())
+    if x.dtype == scale.dtype:
+        out = _scale_shift(x, p, q, out=scratch)
+    else:  # float32 gradient for 16-bit x, rounded once at the end
+        out = torch.addcmul(q[:, :, None, None], x, p[:, :, None, None])
+    return out.addcmul_(grad, scale.to(out.dtype)[:, :, None, None]).to(x.dtype)
 
 
 def _reference_norm(x: Tensor, affine_fn, *params: Tensor | None) -> tuple[Tensor, ...]:
@@ -179,11 +204,7 @@ class _PerSampleNorm(torch.autograd.Function):
             hw = x.size(2) * x.size(3)
             p = grads[0] * (2.0 / hw) if grads[0] is not None else torch.zeros_like(scale)
             q = (grads[1] / hw if grads[1] is not None else torch.zeros_like(scale)) - p * mean_n
-            if x.dtype == scale.dtype:
-                grad_x = _scale_shift(x, p, q, out=scratch)
-            else:  # float32 gradient for 16-bit x, rounded once at the end
-                grad_x = torch.addcmul(q[:, :, None, None], x, p[:, :, None, None])
-            grad_x = grad_x.addcmul_(grad, scale.to(grad_x.dtype)[:, :, None, None]).to(x.dtype)
+            grad_x = _grad_input(grad, x, scale, p, q, scratch)
         return (grad_x, None, *(g if n else None for g, n in zip(grads[2:], need_params)))
 
 

@@ -1,13 +1,25 @@
-"""The per-(sample, channel) kernel's CPU fast paths against plain PyTorch ops, in both memory formats."""
+"""The per-(sample, channel) kernel's CPU fast paths against plain PyTorch ops, in both memory formats,
+with the fused channels_last CPU kernels (normsearch/norms/_cpu_ext.py) and without them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from normsearch.norms import _cpu_ext
 from normsearch.norms._per_sample import _scale_shift, _spatial_moments, _spatial_sums
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+@pytest.fixture(autouse=True, params=["fused", "plain"])
+def kernels(request):
+    """Every test runs with the compiled channels_last kernels (where they build) and without."""
+    if request.param == "plain":
+        with _cpu_ext.disabled():
+            yield
+    else:
+        yield
 
 
 def _data(dtype, fmt, seed=0):

@@ -1,0 +1,187 @@
+"""The fused channels_last CPU kernels (normsearch/norms/_cpu_kernels.cpp) against float64 references,
+whole layers with and without them, and the fallback when they cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from normsearch.norms import _cpu_ext, create_norm_layer
+from normsearch.norms._per_sample import _spatial_moments, _spatial_sums
+
+CL = torch.channels_last
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="no C++ compiler: the plain-op path is used")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = _cpu_ext.kernels() if shutil.which("c++") or shutil.which("g++") else None
+    if module is None:
+        pytest.skip("fused CPU kernels not built (no compiler or NORMSEARCH_CPU_KERNELS=0)")
+    return module
+
+
+def _cl(shape, gen, dtype, scale=1.0, offset=0.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype).to(memory_format=CL)
+
+
+# HW = 63 and 70 are not multiples of the kernel's 32-row block; C = 3 is not a vector width.
+SHAPES = [(5, 3, 7, 9), (2, 16, 32, 32), (4, 64, 7, 10), (1, 1, 1, 1)]
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernels_equal_float64_references(ext, shape, dtype):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = _cl(shape, gen, dtype, scale=5.0, offset=20.0)  # mean >> std: E[x^2] - E[x]^2 would cancel
+    g, s, p, q = _cl(shape, gen, dtype), *(torch.randn(shape[:2], generator=gen, dtype=dtype) for _ in range(3))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    xd, gd = x.double(), g.double()
+    var, mean = ext.channels_last_moments(x)
+    torch.testing.assert_close(mean.double(), xd.mean((2, 3)), **tol)
+    torch.testing.assert_close(var.double(), xd.var((2, 3), unbiased=False), **tol)
+    sum_gx, sum_g = ext.channels_last_sums(g, x)
+    torch.testing.assert_close(sum_gx.double(), (gd * xd).sum((2, 3)), rtol=tol["rtol"], atol=tol["atol"] * 100)
+    torch.testing.assert_close(sum_g.double(), gd.sum((2, 3)), **tol)
+    out = ext.channels_last_grad_input(g, x, s, p, q)
+    assert out.is_contiguous(memory_format=CL) and out.dtype == dtype
+    ref = gd * s.double()[..., None, None] + xd * p.double()[..., None, None] + q.double()[..., None, None]
+    torch.testing.assert_close(out.double(), ref, rtol=tol["rtol"], atol=tol["atol"] * 10)
+
+
+@needs_compiler
+def test_kernels_reject_wrong_layouts_with_a_clear_error(ext):
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="channels_last"):
+        ext.channels_last_moments(x)
+    with pytest.raises(RuntimeError, match="grad must match x"):
+        ext.channels_last_sums(torch.randn(2, 3, 4, 5).to(memory_format=CL), x.to(memory_format=CL))
+
+
+def test_dispatch_takes_the_kernels_only_for_float_channels_last_cpu_tensors():
+    x = torch.randn(2, 3, 4, 4)
+    assert _cpu_ext.usable(x.to(memory_format=CL))
+    assert _cpu_ext.usable(x.double().to(memory_format=CL), x.double().to(memory_format=CL))
+    assert not _cpu_ext.usable(x)  # NCHW: the GroupNorm/BatchNorm kernels take it
+    assert not _cpu_ext.usable(x.bfloat16().to(memory_format=CL))
+    assert not _cpu_ext.usable(x.to(memory_format=CL), x.double().to(memory_format=CL))
+    assert not _cpu_ext.usable(x.to(memory_format=CL)[:, :, :, :3])  # a non-contiguous slice
+
+
+@needs_compiler
+@pytest.mark.parametrize("name, kwargs", [("modenorm", dict(num_components=2)),
+                                          ("modegroupnorm", dict(num_components=2)), ("switchnorm", {})])
+def test_layers_give_the_same_output_and_gradients_with_and_without_the_kernels(ext, name, kwargs):
+    torch.manual_seed(0)
+    layer = create_norm_layer(name, 16, **kwargs).to(memory_format=CL)
+    x = (torch.randn(8, 16, 9, 11) * 3 + 2).to(memory_format=CL)
+    g = torch.randn_like(x)
+
+    def run():
+        xi = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        y = layer(xi)
+        y.backward(g)
+        return y.detach(), xi.grad, [p.grad.clone() for p in layer.parameters()]
+
+    fused = run()
+    with _cpu_ext.disabled():
+        plain = run()
+    assert fused[1].is_contiguous(memory_format=CL)
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused[2], plain[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_per_sample_statistics_use_the_kernels_unless_disabled(ext, monkeypatch):
+    x = torch.randn(2, 3, 4, 4).to(memory_format=CL)
+    calls = []
+    monkeypatch.setattr(_cpu_ext, "_module", _Spy(ext, calls))
+    _spatial_moments(x)
+    _spatial_sums(x, x, torch.float32)
+    assert calls == ["channels_last_moments", "channels_last_sums"]
+    with _cpu_ext.disabled():
+        _spatial_moments(x)
+    assert len(calls) == 2
+
+
+class _Spy:
+    def __init__(self, module, calls):
+        self._module, self._calls = module, calls
+
+    def __getattr__(self, name):
+        self._calls.append(name)
+        return getattr(self._module, name)
+
+
+def test_a_failed_build_warns_once_and_layers_use_plain_ops(monkeypatch):
+    monkeypatch.setattr(_cpu_ext, "_module", None)
+    monkeypatch.setattr(_cpu_ext, "_failed", False)
+    monkeypatch.delenv("NORMSEARCH_CPU_KERNELS", raising=False)
+
+    def broken():
+        raise RuntimeError("Error building extension 'normsearch_cpu_kernels'\ncompiler output...")
+
+    monkeypatch.setattr(_cpu_ext, "_build", broken)
+    with pytest.warns(RuntimeWarning, match="fused CPU kernels unavailable .Error building extension"):
+        assert _cpu_ext.kernels() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not retried, no second warning
+        assert _cpu_ext.kernels() is None
+        layer = create_norm_layer("switchnorm", 4).to(memory_format=CL)
+        x = torch.randn(3, 4, 5, 5).to(memory_format=CL).requires_grad_(True)
+        layer(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("value, expected", [("0", False), ("off", False), (" FALSE ", False), ("no", False),
+                                             ("1", True), ("", True)])
+def test_environment_switch(monkeypatch, value, expected):
+    monkeypatch.setenv("NORMSEARCH_CPU_KERNELS", value)
+    assert _cpu_ext.enabled() is expected
+    with _cpu_ext.disabled():
+        assert not _cpu_ext.enabled()
+    assert _cpu_ext.enabled() is expected
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "ext" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    assert _cpu_ext._build_directory("ext") == lock.parent and lock.exists()  # a build may be running
+    old = time.time() - _cpu_ext.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="did not finish"):
+        _cpu_ext._build_directory("ext")
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("device, kinds, builds", [("cpu", ["modenorm", "batchnorm"], True),
+                                                   ("cpu", ["batchnorm", "groupnorm"], False),
+                                                   ("cuda", ["switchnorm"], False)])
+def test_run_builds_the_kernels_before_trials_only_when_a_cpu_trial_can_use_them(monkeypatch, device, kinds, builds):
+    from pathlib import Path
+
+    from normsearch import runner
+    from normsearch.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "search_spaces" / "quickstart.yaml")
+    space = cfg.space.model_copy(update={"layers": [cfg.space.layers[0].model_copy(
+        update={"choices": [type(cfg.space.layers[0].choices[0])(kind=k) for k in kinds]})]})
+    cfg = cfg.model_copy(update={"space": space, "train": cfg.train.model_copy(update={"device": device})})
+    calls = []
+    monkeypatch.setattr(_cpu_ext, "kernels", lambda: calls.append(1))
+    monkeypatch.setattr("normsearch.train.resolve_device", lambda spec: torch.device(spec))
+    runner._build_cpu_kernels(cfg)
+    assert calls == ([1] if builds else [])
