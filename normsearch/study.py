@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -77,13 +78,32 @@ def weights_path(run_dir: Path, number: int) -> Path:
     return Path(run_dir) / "trials" / f"{number:05d}" / "model.pt"
 
 
+class NSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II sampler, picklable.
+
+    Ray Tune pickles the searcher, and with it the sampler, when it saves the experiment state;
+    Optuna 5's genetic-algorithm samplers hold a ``threading.Lock``, which does not pickle. The lock
+    is left out of the pickle and a fresh one made on unpickling. The class keeps Optuna's name
+    because Optuna derives the generation keys it stores in the study from it.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()  # unused by Optuna versions without it
+
+
 def make_sampler(cfg: RunConfig) -> optuna.samplers.BaseSampler:
     """The configured sampler, seeded with ``search.sampler_seed`` (default: the run seed)."""
     seed = cfg.search.sampler_seed if cfg.search.sampler_seed is not None else cfg.seed
     if cfg.search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return NSGAIISampler(seed=seed)
     with warnings.catch_warnings():  # multivariate/group/constant_liar are flagged experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
