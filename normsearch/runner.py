@@ -88,7 +88,7 @@ def _backend(name: str):
 
 
 def _build_cpu_kernels(cfg: RunConfig) -> None:
-    """Build the fused CPU kernels (:mod:`normsearch.norms._cpu_ext`, ~30 s once per machine) here,
+    """Build the fused CPU kernels (:mod:`normsearch.norms._cpu_ext`, ~40 s once per machine) here,
     before the first trial, if trials run on the CPU and the space offers a layer that uses them."""
     from .norms import _cpu_ext
     from .train import resolve_device

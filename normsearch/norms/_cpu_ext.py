@@ -1,14 +1,18 @@
-"""Fused CPU loops for per-(sample, channel) statistics of channels_last tensors, built on first use.
+"""Fused CPU loops for the statistics of channels_last tensors, built on first use.
 
 Eager PyTorch has no fused CPU kernel for a reduction over H, W per (sample, channel) of a
 channels_last tensor: the plain-op path of :mod:`normsearch.norms._per_sample` materialises
 ``(x - mean)**2`` or ``g * x`` first and reads each activation 2-3 times per statistic.
 ``_cpu_kernels.cpp`` reads it once (ResNet-20 first stage, 128x16x32x32, 1 thread: moments
 1.7 -> 0.85 ms, backward sums 1.9 -> 0.7 ms, input gradient 1.7 -> 1.1 ms).
+``_cpu_mixture_kernels.cpp`` does the same for MixtureNorm's per-component moments and Eq. 34
+transform, which eager PyTorch computes with skinny (K, N*H*W) matrix products and full-size
+temporaries (same shape, K = 3: moments 1.3 -> 1.0 ms, transform and input gradient 1.7 -> 1.6
+and 2.6 -> 1.8 ms; 2x faster at 32 and 64 channels).
 
-The source is compiled with :func:`torch.utils.cpp_extension.load` the first time a ModeNorm,
-ModeGroupNorm or SwitchNorm layer sees a float32/float64 channels_last CPU tensor: about 30 s, once
-per machine and source version (cached under ``TORCH_EXTENSIONS_DIR``, default
+The sources are compiled with :func:`torch.utils.cpp_extension.load` the first time a ModeNorm,
+ModeGroupNorm, SwitchNorm or MixtureNorm layer sees a float32/float64 channels_last CPU tensor:
+about 40 s, once per machine and source version (cached under ``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``; concurrent trials wait on torch's build lock, and ``normsearch run``
 builds them before its first trial when the search space has one of :data:`LAYER_KINDS`). Without
 a C++ compiler, or with ``NORMSEARCH_CPU_KERNELS=0``, the layers use the plain-op path, which computes the
@@ -32,11 +36,11 @@ from torch import Tensor
 
 __all__ = ["LAYER_KINDS", "disabled", "enabled", "kernels", "usable"]
 
-_SOURCE = Path(__file__).with_name("_cpu_kernels.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("_cpu_kernels.cpp", "_cpu_mixture_kernels.cpp")]
 _ENV = "NORMSEARCH_CPU_KERNELS"
 # Registry names of the layers that use these kernels (worth building them before trials start).
-LAYER_KINDS = frozenset({"modenorm", "modegroupnorm", "switchnorm"})
-# A build takes ~30 s; a lock file this much older was left by a build process that was killed.
+LAYER_KINDS = frozenset({"modenorm", "modegroupnorm", "switchnorm", "mixturenorm"})
+# A build takes ~40 s; a lock file this much older was left by a build process that was killed.
 STALE_LOCK_S = 600.0
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -110,14 +114,14 @@ def _build() -> ModuleType:
     name = f"normsearch_cpu_kernels_{_capability().lower()}"
 
     # Loading a cached build takes well under a second; say something only when it is compiling.
-    notice = threading.Timer(2.0, print, ("normsearch: building fused CPU kernels for ModeNorm/SwitchNorm "
-                                          "(once per machine, ~30 s)",), {"file": sys.stderr, "flush": True})
+    notice = threading.Timer(2.0, print, ("normsearch: building fused CPU kernels for ModeNorm/SwitchNorm/MixtureNorm "
+                                          "(once per machine, ~40 s)",), {"file": sys.stderr, "flush": True})
     notice.daemon = True
     notice.start()
     try:
         return cpp_extension.load(
             name=name,
-            sources=[str(_SOURCE)],
+            sources=[str(path) for path in _SOURCES],
             build_directory=str(_build_directory(name)),
             extra_cflags=["-O3", "-fopenmp", *_isa_flags()],
             extra_ldflags=["-fopenmp"],
@@ -129,7 +133,8 @@ def _build() -> ModuleType:
 
 def kernels() -> ModuleType | None:
     """The compiled module (``channels_last_moments``, ``channels_last_sums``,
-    ``channels_last_grad_input``; see ``_cpu_kernels.cpp``), or None if disabled or unbuildable.
+    ``channels_last_grad_input``, ``mixture_sums``, ``mixture_combine``; see the ``.cpp`` sources), or
+    None if disabled or unbuildable.
 
     A failed build warns once (``RuntimeWarning`` naming the error) and is not retried in this
     process."""
@@ -143,7 +148,7 @@ def kernels() -> ModuleType | None:
             except Exception as err:  # noqa: BLE001 - any build failure means: use the plain ops
                 _failed = True
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                warnings.warn(f"normsearch: fused CPU kernels unavailable ({reason}); ModeNorm/SwitchNorm use "
-                              f"plain PyTorch ops (same values, slower on channels_last). Set {_ENV}=0 to "
+                warnings.warn(f"normsearch: fused CPU kernels unavailable ({reason}); ModeNorm/SwitchNorm/"
+                              f"MixtureNorm use plain PyTorch ops (same values, slower on channels_last). Set {_ENV}=0 to "
                               "skip the build.", RuntimeWarning, stacklevel=2)
     return _module

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import _cpu_ext
 from ._gmm import softmax
 
 # Pixels are held either channels-first, (N, C, L) (NCHW input), or channels-last, (N, L, C)
@@ -53,6 +54,15 @@ def _spread(s: Tensor, nu: Tensor, cl: bool, out: Tensor | None = None, accumula
     if accumulate and out is not None:
         return out.baddbmm_(weights, nu)
     return torch.bmm(weights, nu, out=out)
+
+
+def _fused(x: Tensor, nu: Tensor, cl: bool):
+    """The compiled CPU loops (``_cpu_mixture_kernels.cpp``) when they take these tensors: channels-last
+    float32/float64 CPU pixels, contiguous, posteriors stored component-major; else None."""
+    if not (cl and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
+            and nu.dtype == x.dtype and _k_major(nu).is_contiguous()):
+        return None
+    return _cpu_ext.kernels()
 
 
 def _moment(x: Tensor, nu: Tensor, cl: bool) -> Tensor:
@@ -103,25 +113,36 @@ class _MixtureNormalize(torch.autograd.Function):
     ``dE1 = (-s G - 2 E1 dvar) / mass``, ``dvar = -0.5 s (H - E1 G) / (var + eps)``,
     ``dx = g (nu @ s) + nu @ dE1 + 2 x (nu @ (dvar / mass))``,
     ``dgamma = sum_k (s/gamma) (H - E1 G)``, ``dbeta = sum_k G``. Checked against autograd in the tests.
-    The full-size ``nu @ s`` of the forward is kept for the backward; the backward builds ``dx``
-    in place in the buffer of ``x * g`` (accumulating matrix products), so it allocates one
-    full-size tensor.
+    On channels-last float CPU input the moments and both full-size transforms run in the compiled
+    loops of ``_cpu_mixture_kernels.cpp`` (one pass each, nothing full-size saved but ``x``). Otherwise
+    the full-size ``nu @ s`` of the forward is kept for the backward, and the backward builds ``dx``
+    in place in the buffer of ``x * g`` (accumulating matrix products), allocating one full-size
+    tensor.
     """
 
     @staticmethod
     def forward(ctx, x, x_sq, nu, mass, weight, bias, eps, cl):
         k_dim = 2 if cl else 1
-        mean = _moment(x, nu, cl) / mass.unsqueeze(1)  # (K, C)
-        pre_var = _moment(x_sq, nu, cl) / mass.unsqueeze(1) - mean.square()
+        fused = _fused(x, nu, cl)
+        if fused is not None:  # one pass for both moments, no x**2 read
+            sum_x, sum_sq = fused.mixture_sums(x.view(-1, x.shape[2]), _k_major(nu))
+        else:
+            sum_x, sum_sq = _moment(x, nu, cl), _moment(x_sq, nu, cl)
+        mean = sum_x / mass.unsqueeze(1)  # (K, C)
+        pre_var = sum_sq / mass.unsqueeze(1) - mean.square()
         var = pre_var.clamp_min(0)
         points = nu.numel() // nu.shape[k_dim]
         scale = torch.rsqrt(var + eps) * torch.rsqrt(mass / points).unsqueeze(1)  # 1/(sqrt(lam) sigma)
         s = scale if weight is None else scale * weight
         offset = s * mean if bias is None else s * mean - bias
-        spread_s = _spread(s, nu, cl)
-        y = _spread(-offset, nu, cl).addcmul_(x, spread_s)
+        if fused is not None:  # the backward recomputes nu @ s per pixel instead of keeping it
+            spread_s = None
+            y = fused.mixture_combine(x.view(-1, x.shape[2]), _k_major(nu), s, -offset).view(x.shape)
+        else:
+            spread_s = _spread(s, nu, cl)
+            y = _spread(-offset, nu, cl).addcmul_(x, spread_s)
         ctx.save_for_backward(x, nu, mass, weight, mean, scale, var, pre_var >= 0, spread_s)
-        ctx.eps, ctx.cl = eps, cl
+        ctx.eps, ctx.cl, ctx.fused = eps, cl, fused is not None
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -130,17 +151,26 @@ class _MixtureNormalize(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         x, nu, mass, weight, mean, scale, var, unclamped, spread_s = ctx.saved_tensors
         cl = ctx.cl
-        g_sum = _moment(grad_y, nu, cl)  # G (K, C)
-        xg = x * grad_y
-        gx_sum = _moment(xg, nu, cl)  # H (K, C)
+        fused = _fused(x, nu, cl) if ctx.fused else None
+        if fused is not None:
+            g_rows = grad_y.contiguous().view(-1, x.shape[2])
+            g_sum, gx_sum = fused.mixture_sums(g_rows, _k_major(nu), x.view(-1, x.shape[2]))  # G, H (K, C)
+        else:
+            g_sum = _moment(grad_y, nu, cl)  # G (K, C)
+            xg = x * grad_y
+            gx_sum = _moment(xg, nu, cl)  # H (K, C)
         centred = gx_sum - mean * g_sum  # sum_i nu g (x - E1)
         grad_weight = (scale * centred).sum(0) if weight is not None and ctx.needs_input_grad[4] else None
         grad_bias = g_sum.sum(0) if ctx.needs_input_grad[5] else None
         s = scale if weight is None else scale * weight
         d_var = torch.where(unclamped, -0.5 * s * centred / (var + ctx.eps), torch.zeros_like(var))
         d_e1 = (-s * g_sum - 2.0 * mean * d_var) / mass.unsqueeze(1)
+        q = 2.0 * d_var / mass.unsqueeze(1)
+        if fused is not None:  # dx = g * (nu @ s) + nu @ dE1 + x * (nu @ q), one pass
+            grad_x = fused.mixture_combine(g_rows, _k_major(nu), s, d_e1, x.view(-1, x.shape[2]), q).view(x.shape)
+            return grad_x, None, None, None, grad_weight, grad_bias, None, None
         # dx = x * (nu @ q) + g * (nu @ s) + nu @ dE1, built in the buffer of x * g (one allocation).
         buf = xg if xg.is_contiguous() and xg.dtype == x.dtype else None
-        grad_x = _spread(2.0 * d_var / mass.unsqueeze(1), nu, cl, out=buf).mul_(x).addcmul_(grad_y, spread_s)
+        grad_x = _spread(q, nu, cl, out=buf).mul_(x).addcmul_(grad_y, spread_s)
         grad_x = _spread(d_e1, nu, cl, out=grad_x, accumulate=True)
         return grad_x, None, None, None, grad_weight, grad_bias, None, None

@@ -1,4 +1,4 @@
-"""The fused channels_last CPU kernels (normsearch/norms/_cpu_kernels.cpp) against float64 references,
+"""The fused channels_last CPU kernels (normsearch/norms/_cpu_*kernels.cpp) against float64 references,
 whole layers with and without them, and the fallback when they cannot be built."""
 
 from __future__ import annotations
@@ -55,12 +55,42 @@ def test_kernels_equal_float64_references(ext, shape, dtype):
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("points, channels, components", [(2100, 16, 3), (1000, 32, 2), (77, 64, 5), (3000, 3, 1)])
+def test_mixture_kernels_equal_float64_references(ext, points, channels, components, dtype):
+    # 16/32/64 channels take the unrolled loops, 3 the generic ones; 2100 and 3000 rows are not
+    # multiples of the 32-row block or the 1024-row chunk.
+    gen = torch.Generator().manual_seed(points + channels)
+    a, b = (torch.randn(points, channels, generator=gen, dtype=torch.float64) * 3 + 1 for _ in range(2))
+    nu = torch.softmax(torch.randn(components, points, generator=gen, dtype=torch.float64) * 3, 0)
+    sc, e, q = (torch.randn(components, channels, generator=gen, dtype=torch.float64) for _ in range(3))
+    tol = dict(rtol=1e-12, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-3)
+    a_, b_, nu_, sc_, e_, q_ = (t.to(dtype) for t in (a, b, nu, sc, e, q))
+    sum_a, sum_aa = ext.mixture_sums(a_, nu_)
+    torch.testing.assert_close(sum_a.double(), nu @ a, **tol)
+    torch.testing.assert_close(sum_aa.double(), nu @ (a * a), **tol)
+    sum_a, sum_ab = ext.mixture_sums(a_, nu_, b_)
+    torch.testing.assert_close(sum_ab.double(), nu @ (a * b), **tol)
+    assert sum_a.dtype == dtype and sum_a.shape == (components, channels)
+    close = dict(rtol=tol["rtol"], atol=tol["atol"] / 100)
+    out = ext.mixture_combine(a_, nu_, sc_, e_)
+    torch.testing.assert_close(out.double(), a * (nu.T @ sc) + nu.T @ e, **close)
+    out = ext.mixture_combine(a_, nu_, sc_, e_, b_, q_)
+    torch.testing.assert_close(out.double(), a * (nu.T @ sc) + nu.T @ e + b * (nu.T @ q), **close)
+
+
+@needs_compiler
 def test_kernels_reject_wrong_layouts_with_a_clear_error(ext):
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(RuntimeError, match="channels_last"):
         ext.channels_last_moments(x)
     with pytest.raises(RuntimeError, match="grad must match x"):
         ext.channels_last_sums(torch.randn(2, 3, 4, 5).to(memory_format=CL), x.to(memory_format=CL))
+    with pytest.raises(RuntimeError, match=r"contiguous \(K, P\)"):
+        ext.mixture_sums(torch.randn(10, 3), torch.rand(10, 2))  # posteriors pixel-major
+    with pytest.raises(RuntimeError, match="b and q go together"):
+        small = torch.randn(2, 3)
+        ext.mixture_combine(torch.randn(10, 3), torch.rand(2, 10), small, small, torch.randn(10, 3))
 
 
 def test_dispatch_takes_the_kernels_only_for_float_channels_last_cpu_tensors():
@@ -75,7 +105,8 @@ def test_dispatch_takes_the_kernels_only_for_float_channels_last_cpu_tensors():
 
 @needs_compiler
 @pytest.mark.parametrize("name, kwargs", [("modenorm", dict(num_components=2)),
-                                          ("modegroupnorm", dict(num_components=2)), ("switchnorm", {})])
+                                          ("modegroupnorm", dict(num_components=2)), ("switchnorm", {}),
+                                          ("mixturenorm", dict(num_components=3))])
 def test_layers_give_the_same_output_and_gradients_with_and_without_the_kernels(ext, name, kwargs):
     torch.manual_seed(0)
     layer = create_norm_layer(name, 16, **kwargs).to(memory_format=CL)
@@ -83,6 +114,7 @@ def test_layers_give_the_same_output_and_gradients_with_and_without_the_kernels(
     g = torch.randn_like(x)
 
     def run():
+        torch.manual_seed(1)  # MixtureNorm's GMM fit draws a random subsample
         xi = x.clone().requires_grad_(True)
         layer.zero_grad(set_to_none=True)
         y = layer(xi)
@@ -95,8 +127,8 @@ def test_layers_give_the_same_output_and_gradients_with_and_without_the_kernels(
     assert fused[1].is_contiguous(memory_format=CL)
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-5)
-    for a, b in zip(fused[2], plain[2]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused[2], plain[2]):  # sums over all N*H*W pixels: 1e-5 of the largest entry
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(b.abs().max())))
 
 
 @needs_compiler

@@ -116,8 +116,8 @@ def test_hand_written_backward_passes_gradcheck(cl, affine):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)  # (N, C, L)
     nu = torch.softmax(torch.randn(2, 2, 5, generator=g, dtype=torch.float64) * 2, dim=1)  # (N, K, L)
-    if cl:
-        x, nu = x.transpose(1, 2).contiguous(), nu.transpose(1, 2).contiguous()
+    if cl:  # pixels (N, L, C); posteriors stored component-major like the layer's, viewed as (N, L, K)
+        x, nu = x.transpose(1, 2).contiguous(), nu.transpose(0, 1).reshape(2, -1).view(2, 2, 5).permute(1, 2, 0)
     mass = nu.sum((0, 1) if cl else (0, 2))
     weight = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_(affine)
     bias = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_(affine)
