@@ -56,6 +56,11 @@ def _spread(s: Tensor, nu: Tensor, cl: bool, out: Tensor | None = None, accumula
     return torch.bmm(weights, nu, out=out)
 
 
+def _rows(x: Tensor) -> Tensor:
+    """Contiguous channels-last pixels (N, L, C) as the (N*L, C) matrix the compiled loops take (a view)."""
+    return x.view(-1, x.shape[2])
+
+
 def _fused(x: Tensor, nu: Tensor, cl: bool):
     """The compiled CPU loops (``_cpu_mixture_kernels.cpp``) when they take these tensors: channels-last
     float32/float64 CPU pixels, contiguous, posteriors stored component-major; else None."""
@@ -125,7 +130,7 @@ class _MixtureNormalize(torch.autograd.Function):
         k_dim = 2 if cl else 1
         fused = _fused(x, nu, cl)
         if fused is not None:  # one pass for both moments, no x**2 read
-            sum_x, sum_sq = fused.mixture_sums(x.view(-1, x.shape[2]), _k_major(nu))
+            sum_x, sum_sq = fused.mixture_sums(_rows(x), _k_major(nu))
         else:
             sum_x, sum_sq = _moment(x, nu, cl), _moment(x_sq, nu, cl)
         mean = sum_x / mass.unsqueeze(1)  # (K, C)
@@ -137,7 +142,7 @@ class _MixtureNormalize(torch.autograd.Function):
         offset = s * mean if bias is None else s * mean - bias
         if fused is not None:  # the backward recomputes nu @ s per pixel instead of keeping it
             spread_s = None
-            y = fused.mixture_combine(x.view(-1, x.shape[2]), _k_major(nu), s, -offset).view(x.shape)
+            y = fused.mixture_combine(_rows(x), _k_major(nu), s, -offset).view(x.shape)
         else:
             spread_s = _spread(s, nu, cl)
             y = _spread(-offset, nu, cl).addcmul_(x, spread_s)
@@ -153,8 +158,8 @@ class _MixtureNormalize(torch.autograd.Function):
         cl = ctx.cl
         fused = _fused(x, nu, cl) if ctx.fused else None
         if fused is not None:
-            g_rows = grad_y.contiguous().view(-1, x.shape[2])
-            g_sum, gx_sum = fused.mixture_sums(g_rows, _k_major(nu), x.view(-1, x.shape[2]))  # G, H (K, C)
+            g_rows = _rows(grad_y.contiguous())
+            g_sum, gx_sum = fused.mixture_sums(g_rows, _k_major(nu), _rows(x))  # G, H (K, C)
         else:
             g_sum = _moment(grad_y, nu, cl)  # G (K, C)
             xg = x * grad_y
@@ -167,7 +172,7 @@ class _MixtureNormalize(torch.autograd.Function):
         d_e1 = (-s * g_sum - 2.0 * mean * d_var) / mass.unsqueeze(1)
         q = 2.0 * d_var / mass.unsqueeze(1)
         if fused is not None:  # dx = g * (nu @ s) + nu @ dE1 + x * (nu @ q), one pass
-            grad_x = fused.mixture_combine(g_rows, _k_major(nu), s, d_e1, x.view(-1, x.shape[2]), q).view(x.shape)
+            grad_x = fused.mixture_combine(g_rows, _k_major(nu), s, d_e1, _rows(x), q).view(x.shape)
             return grad_x, None, None, None, grad_weight, grad_bias, None, None
         # dx = x * (nu @ q) + g * (nu @ s) + nu @ dE1, built in the buffer of x * g (one allocation).
         buf = xg if xg.is_contiguous() and xg.dtype == x.dtype else None
