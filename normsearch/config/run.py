@@ -91,6 +91,10 @@ class SearchConfig(_Strict):
         pruner: ``median``, ``hyperband`` or ``none`` (optuna backend; ray uses its scheduler).
         sampler_seed: seed of the sampler (``None`` = the run seed).
         max_failures: stop the study after this many failed trials.
+        objectives: ``[val_acc]`` or ``[val_acc, step_time_s|num_parameters]``.
+        references: registered normalizer names; each becomes a uniform reference arm (that
+            normalizer in every searched slot, standardization loss off), enqueued as the first
+            trials of the study and confirmed beside the search's best (``[]`` = none).
         ray: Ray Tune settings.
         enas: ENAS settings.
     """
@@ -103,6 +107,7 @@ class SearchConfig(_Strict):
     sampler_seed: Optional[int] = None
     max_failures: int = Field(5, ge=1)
     objectives: list[Literal["val_acc", "step_time_s", "num_parameters"]] = ["val_acc"]
+    references: list[str] = ["batchnorm"]
     ray: RayConfig = RayConfig()
     enas: EnasConfig = EnasConfig()
 
@@ -115,10 +120,25 @@ class SearchConfig(_Strict):
 
 
 class FinalConfig(_Strict):
-    """What happens after the search: evaluate the best trial's model on the test set."""
+    """The confirmation stage after the search: retrain the best configurations and the references
+    from scratch on several seeds, then compare them on the test set with 95 % intervals.
 
+    Attributes:
+        top_k: distinct configurations, best search score first, that are confirmed (the
+            references come on top).
+        seeds: training seeds per confirmed configuration (the same seeds for every
+            configuration, so differences to a reference are paired by seed).
+        epochs: epochs of each confirmation run (``None`` = ``train.epochs``).
+        confirm: run the confirmation stage at all (``false`` = report the search's best trial only).
+        evaluate_test: evaluate confirmed models (or, without confirmation, the best trial's) on
+            the test split.
+    """
+
+    top_k: int = Field(3, ge=1)
+    seeds: int = Field(3, ge=1)
+    epochs: Optional[int] = Field(None, ge=1)
+    confirm: bool = True
     evaluate_test: bool = True
-    top_k: int = Field(5, ge=1)
 
 
 class RunConfig(_Strict):
