@@ -262,6 +262,35 @@ class SearchSpace:
 
         return self.walk(ask)
 
+    def uniform_params(self, kind: str) -> dict[str, Any]:
+        """Flat params (as ``decode`` reads them) of the uniform spec "``kind`` in every slot, loss off".
+
+        Each decision takes its first choice of that ``kind`` without the standardization loss, at
+        its first (lowest) values for searched arguments; this is how a reference arm such as
+        all-BatchNorm is expressed in the study's own parameters, so every backend and the
+        dashboard treat it like any sampled trial.
+
+        Raises:
+            ValueError: a slot offers no ``kind`` choice without ``std_loss`` (the message names the
+                slot and its choices), or the standardization loss cannot be switched off
+                (``space.std_loss`` is a range with ``allow_zero: false``).
+        """
+        params: dict[str, Any] = {}
+        if isinstance(self.std_weight, Range):
+            if not self.std_allow_zero:
+                raise ValueError("the standardization loss cannot be switched off (space.std_loss.allow_zero is false)")
+            params["std_loss.on"] = False
+        for d in self.decisions:
+            choice = next((c for c in d.choices if c.kind == kind and not c.std_loss), None)
+            if choice is None:
+                offered = ", ".join(c.label for c in d.choices)
+                raise ValueError(f"slot {d.labels[0]!r} does not offer {kind!r} (its choices: {offered})")
+            if len(d.choices) > 1:
+                params[d.name] = choice.label
+            for arg, dom in choice.searched:
+                params[f"{d.name}.{choice.label}.{arg}"] = _probe_values(dom, None)[0]
+        return params
+
     def __len__(self) -> int:
         return len(self.decisions)
 

@@ -7,8 +7,10 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
+from .confirm_report import confirmation_rows
 from .runner import RunSummary
 from .spec import ModelSpec
+from .stats import fmt_acc
 
 
 def print_summary(summary: RunSummary, console: Console) -> None:
@@ -19,7 +21,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     if not summary.best:
         console.print("no trial completed: see each trial's fail_reason in the dashboard")
         return
-    table = Table(title="best trials (validation accuracy)")
+    table = Table(title="best search trials (validation accuracy, +- binomial standard error)")
     for name, justify in (("trial", "right"), ("val acc", "right"), ("params", "right"), ("normalizers", "left")):
         table.add_column(name, justify=justify)
     specs = {row["number"]: ModelSpec.from_dict(row["spec"]) for row in summary.best if row.get("spec")}
@@ -28,7 +30,8 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         kinds = Counter(s.short().split(" ")[0].removesuffix("+SL") for s in spec.layers.values()) if spec else {}
         sl = f"; SL w={spec.std_loss_weight:.3g}" if spec and spec.std_loss_layers else ""
         table.add_row(
-            str(row["number"]), f"{100 * row['val_acc']:.2f}%", f"{row['num_parameters'] or '-'}",
+            str(row["number"]) + (f" ({row['reference']})" if row.get("reference") else ""),
+            fmt_acc(row["val_acc"], summary.val_size), f"{row['num_parameters'] or '-'}",
             ", ".join(f"{n} {k}" for k, n in kinds.most_common()) + sl,
         )
     console.print(table)
@@ -44,6 +47,32 @@ def print_summary(summary: RunSummary, console: Console) -> None:
             layers.add_row(*[cells[i + c * rows] if i + c * rows < len(cells) else "" for c in range(columns)])
         console.print(layers)
     if summary.test_acc is not None:
-        console.print(f"best trial {best['number']} on the test set: [bold]{100 * summary.test_acc:.2f}%[/]")
+        console.print(f"best trial {best['number']} on the test set: [bold]{fmt_acc(summary.test_acc, summary.test_size)}[/]"
+                      " (one run; +- is the binomial standard error of the test set)")
+    print_confirmation(summary, console)
     console.print(f"export it:  normsearch export {summary.run_dir}")
     console.print(f"browse it:  normsearch dashboard {summary.run_dir}")
+
+
+def print_confirmation(summary: RunSummary, console: Console) -> None:
+    """The confirmation table (mean and 95 % t-interval over seeds, paired differences to the
+    references), the verdict and the proxy fidelity, with the time each stage took."""
+    result = summary.confirmation
+    if not result or not result.get("confirmation"):
+        return
+    headers, rows = confirmation_rows(result)
+    table = Table(title="confirmation: retrained from scratch on the same seeds (accuracy %, 95 % CI)")
+    for i, name in enumerate(headers):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"[bold]verdict:[/] {result['verdict']}")
+    fid = result.get("proxy_fidelity") or {}
+    tau, rho = fid.get("kendall_tau"), fid.get("spearman_rho")
+    shown = "n/a" if tau is None else f"{tau:.2f}"
+    console.print(f"proxy fidelity: Kendall tau {shown}, Spearman rho {'n/a' if rho is None else f'{rho:.2f}'} "
+                  f"(n = {fid.get('n', 0)}; search score vs confirmed {fid.get('metric', 'test_acc_mean')}). "
+                  f"{fid.get('note', '')}")
+    if summary.stage_times_s:
+        console.print("stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary.stage_times_s.items()))
