@@ -1,0 +1,165 @@
+"""Tests of normsearch.stats: intervals against scipy and a hand computation, degenerate inputs
+without warnings, accuracy errors, rank correlations, and the wording of the verdict."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from normsearch import stats
+
+A = [80.1, 78.4, 79.9, 81.2, 77.6]  # per-seed test accuracies (%), seeds 0..4
+B = [79.0, 78.9, 78.1, 80.0, 77.9]  # the reference on the same seeds
+
+# Student t quantiles typed in from a table (not computed by scipy), so a wrong df is caught
+T975_DF2 = 4.302652729911275
+T975_DF4 = 2.776445105197793
+
+
+@pytest.fixture(autouse=True)
+def _warnings_are_errors():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+def test_mean_ci_matches_scipy_and_hand_computation() -> None:
+    mean, low, high = stats.mean_ci(A)
+    ci = scipy.stats.t.interval(0.95, df=len(A) - 1, loc=np.mean(A), scale=scipy.stats.sem(A))
+    assert mean == pytest.approx(np.mean(A), abs=1e-12)
+    assert (low, high) == pytest.approx(ci, abs=1e-10)
+    half = T975_DF4 * np.std(A, ddof=1) / math.sqrt(len(A))
+    assert (low, high) == pytest.approx((mean - half, mean + half), abs=1e-9)
+
+    # [1, 2, 3]: mean 2, s = 1, so the half-width is t_{0.975, 2} / sqrt(3)
+    assert stats.mean_ci([1.0, 2.0, 3.0]) == pytest.approx((2.0, 2 - T975_DF2 / math.sqrt(3), 2 + T975_DF2 / math.sqrt(3)))
+    # a lower level gives a narrower interval around the same mean
+    m90, l90, h90 = stats.mean_ci(A, confidence=0.90)
+    assert m90 == mean and low < l90 < mean < h90 < high
+
+
+def test_paired_diff_matches_ttest_rel() -> None:
+    d = stats.paired_diff(A, B)
+    ref = scipy.stats.ttest_rel(A, B).confidence_interval(0.95)
+    assert d.n == 5 and d.mean == pytest.approx(np.mean(np.subtract(A, B)), abs=1e-12)
+    assert (d.low, d.high) == pytest.approx((ref.low, ref.high), abs=1e-10)
+    # pairing matters: the unpaired (Welch) interval of the same numbers is a different one
+    welch = scipy.stats.ttest_ind(A, B, equal_var=False).confidence_interval(0.95)
+    assert d.high - d.low != pytest.approx(welch.high - welch.low, rel=1e-3)
+    assert stats.paired_diff(B, A) == pytest.approx((-d.mean, -d.high, -d.low, 5))
+
+
+def test_degenerate_intervals_without_warnings() -> None:
+    one = stats.mean_ci([0.8])
+    assert one.mean == 0.8 and math.isnan(one.low) and math.isnan(one.high)
+    const = stats.mean_ci([0.8, 0.8, 0.8])
+    assert const.low == const.mean == const.high == pytest.approx(0.8)
+    # equal per-seed gaps give differences that are equal only up to round-off: zero width, no warning
+    a, b = [0.8, 0.9, 0.3], [0.7, 0.8, 0.2]
+    assert len({x - y for x, y in zip(a, b)}) > 1  # really not bit-identical (scipy warns on these)
+    d = stats.paired_diff(a, b)
+    assert d.low == d.mean == d.high == pytest.approx(0.1) and d.n == 3
+    same = stats.paired_diff([0.7, 0.8], [0.7, 0.8])
+    assert same == (0.0, 0.0, 0.0, 2)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: stats.mean_ci([]), "at least one value"),
+    (lambda: stats.mean_ci([1.0, math.nan]), "finite"),
+    (lambda: stats.mean_ci([1.0, 2.0], confidence=1.0), "confidence"),
+    (lambda: stats.paired_diff([1.0, 2.0, 3.0], [1.0, 2.0]), "got 3 and 2 values"),
+    (lambda: stats.rank_correlation([1.0, 2.0], [1.0]), "got 2 and 1"),
+    (lambda: stats.binomial_se(1.2, 100), "acc=1.2"),
+    (lambda: stats.binomial_se(0.5, 0), "n=0"),
+    (lambda: stats.verdict([], "batchnorm"), "at least one configuration"),
+])
+def test_bad_input_raises(call, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_binomial_se_wilson_and_format() -> None:
+    assert stats.binomial_se(0.805, 2000) == pytest.approx(math.sqrt(0.805 * 0.195 / 2000))
+    assert stats.fmt_acc(0.805, 2000) == "80.50 % +- 0.89"
+    assert stats.binomial_se(1.0, 50) == 0.0
+    low, high = stats.wilson_ci(0.805, 2000)
+    ref = scipy.stats.binomtest(1610, 2000).proportion_ci(0.95, method="wilson")
+    assert (low, high) == pytest.approx((ref.low, ref.high))
+    assert low < 0.805 < high
+    assert 0.0 < stats.wilson_ci(1.0, 50)[0] < 1.0 == stats.wilson_ci(1.0, 50)[1]  # not empty at p = 1
+
+
+def test_rank_correlation_matches_scipy() -> None:
+    search = [0.61, 0.70, 0.55, 0.66, 0.70]  # a tie in the search scores
+    confirmed = [0.80, 0.83, 0.79, 0.78, 0.84]
+    got = stats.rank_correlation(search, confirmed)
+    assert got["n"] == 5
+    assert got["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(search, confirmed).statistic)
+    assert got["spearman_rho"] == pytest.approx(scipy.stats.spearmanr(search, confirmed).statistic)
+    assert stats.rank_correlation([1, 2, 3], [10, 20, 30]) == {"kendall_tau": 1.0, "spearman_rho": 1.0, "n": 3}
+    assert stats.rank_correlation([1, 2, 3], [30, 20, 10])["kendall_tau"] == -1.0
+
+
+@pytest.mark.parametrize("search, confirmed", [([0.5], [0.8]), ([], []), ([0.5, 0.5, 0.5], [0.7, 0.8, 0.9]),
+                                               ([0.5, 0.6], [0.8, 0.8])])
+def test_rank_correlation_undefined_is_nan(search: list, confirmed: list) -> None:
+    got = stats.rank_correlation(search, confirmed)
+    assert math.isnan(got["kendall_tau"]) and math.isnan(got["spearman_rho"]) and got["n"] == len(search)
+
+
+# --------------------------------------------------------------------------------------------
+# verdict wording
+
+
+def _d(mean: float, low: float, high: float, n: int = 3) -> stats.PairedDiff:
+    return stats.PairedDiff(mean, low, high, n)
+
+
+def test_verdict_beats() -> None:
+    line = stats.verdict([("trial 4", _d(0.4, -0.2, 1.0)), ("trial 7", _d(0.9, 0.3, 1.5))], "batchnorm")
+    assert line == "best (trial 7) beats batchnorm by +0.9 points (95 % CI +0.3 to +1.5, 3 seeds)"
+
+
+def test_verdict_beats_names_a_clear_winner_over_a_noisier_higher_mean() -> None:
+    line = stats.verdict([("noisy", _d(2.0, -3.0, 7.0)), ("tight", _d(0.6, 0.2, 1.0))], "batchnorm")
+    assert line == "best (tight) beats batchnorm by +0.6 points (95 % CI +0.2 to +1.0, 3 seeds)"
+
+
+def test_verdict_worse() -> None:
+    line = stats.verdict([("a", _d(-1.2, -2.0, -0.4)), ("b", _d(-3.0, -4.1, -1.9))], "batchnorm")
+    assert line == "every configuration is worse than batchnorm (best (a) -1.2, 95 % CI -2.0 to -0.4, 3 seeds)"
+
+
+@pytest.mark.parametrize("configs", [
+    [("a", _d(0.2, -0.6, 1.0)), ("b", _d(-1.5, -2.5, -0.5))],  # one through 0, one clearly worse
+    [("b", _d(-1.5, -2.5, -0.5)), ("a", _d(0.2, -0.6, 1.0))],  # order does not matter
+])
+def test_verdict_no_difference(configs: list) -> None:
+    line = stats.verdict(configs, "batchnorm")
+    assert line == "no configuration beats batchnorm beyond noise (best (a) +0.2, 95 % CI -0.6 to +1.0, 3 seeds)"
+
+
+def test_verdict_one_seed_and_json_mappings() -> None:
+    one = stats.paired_diff([81.0], [80.0])
+    line = stats.verdict([("", one)], "groupnorm")
+    assert line == "no configuration beats groupnorm beyond noise (best +1.0, 1 seed, no interval from one seed)"
+    # the summary.json form, with the JSON null bounds of a one-seed run
+    line = stats.verdict([("x", {"mean": 0.9, "ci95": [0.3, 1.5], "n": 3}),
+                          ("y", {"mean": 5.0, "ci95": [None, None], "n": 1})], "batchnorm", confidence=0.9)
+    assert line == "best (x) beats batchnorm by +0.9 points (90 % CI +0.3 to +1.5, 3 seeds)"
+
+
+@pytest.mark.parametrize("tau, n, expected", [
+    (0.1, 4, "the search budget ranks configurations poorly (Kendall tau 0.10, n=4); "
+             "try more epochs per trial or a larger final budget"),
+    (math.nan, 4, "the search budget ranks configurations poorly (Kendall tau undefined, n=4); "
+                  "try more epochs per trial or a larger final budget"),
+    (0.3, 5, "the search budget ranks configurations like full training does (Kendall tau 0.30, n=5)"),
+    (math.nan, 1, "proxy fidelity cannot be judged from 1 confirmed configuration; raise final.top_k"),
+])
+def test_fidelity_note(tau: float, n: int, expected: str) -> None:
+    assert stats.fidelity_note(tau, n) == expected
