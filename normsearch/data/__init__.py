@@ -23,7 +23,9 @@ from normsearch.data.datasets import (
     get_dataset_info,
     list_datasets,
     read_raw,
+    register_dataset,
 )
+from normsearch.data import multidomain  # noqa: F401  (registers multidomain, fashion_mnist_inverted)
 from normsearch.data.loader import TensorLoader, crop_and_flip, normalize, sample_augment_params
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "load_data",
     "normalize",
     "read_raw",
+    "register_dataset",
     "sample_augment_params",
     "stratified_order",
 ]

@@ -60,9 +60,13 @@ class DatasetInfo:
         folder: folder under ``root`` holding the files, in torchvision's layout.
         files: file names that must exist in ``folder``.
         hint: how to provide the files by hand, shown in :class:`DataError`.
-        tv_class: torchvision dataset class (presence-checked subclass) used to read/download.
+        tv_class: torchvision dataset class (presence-checked subclass) used to read/download;
+            ``None`` for a dataset built from ``parts``.
         reader: ``reader(info, root, train, download) -> (x uint8 (N, C, H, W), y int64 (N,))``,
             reading with ``tv_class`` (downloading first if ``download``).
+        parts: registered datasets this one is built from (``normsearch.data.multidomain``): their
+            files are provided (Debian package, download) before ``reader`` runs; ``files`` is
+            then empty.
     """
 
     name: str
@@ -72,8 +76,9 @@ class DatasetInfo:
     folder: str
     files: tuple[str, ...]
     hint: str
-    tv_class: type
+    tv_class: type | None
     reader: Callable[[DatasetInfo, Path, bool, bool], Arrays]
+    parts: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,6 +166,21 @@ _REGISTRY: dict[str, DatasetInfo] = {
 }
 
 
+def register_dataset(info: DatasetInfo) -> DatasetInfo:
+    """Add ``info`` to the registry under ``info.name`` (lowercase) and return it.
+
+    Raises:
+        ValueError: the name is not lowercase, already registered, or a part is not registered.
+    """
+    if info.name != info.name.lower() or info.name in _REGISTRY:
+        raise ValueError(f"dataset name {info.name!r} must be lowercase and not yet registered")
+    unknown = [p for p in info.parts if p not in _REGISTRY]
+    if unknown:
+        raise ValueError(f"dataset {info.name!r} is built from unregistered datasets {unknown}")
+    _REGISTRY[info.name] = info
+    return info
+
+
 def list_datasets() -> list[str]:
     """Names accepted by ``DataConfig.dataset``, sorted."""
     return sorted(_REGISTRY)
@@ -223,7 +243,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _ensure_files(info: DatasetInfo, root: Path, download: bool) -> None:
-    """Make the files of ``info`` present under ``root`` or raise :class:`DataError`."""
+    """Make the files of ``info`` (or of its parts) present under ``root`` or raise :class:`DataError`."""
+    for part in info.parts:
+        try:
+            _ensure_files(_REGISTRY[part], root, download)
+        except DataError as exc:
+            raise DataError(f"{info.name} (built from {', '.join(info.parts)}) needs {exc}") from None
     if info.name == "fashion_mnist" and _missing(info, root):
         try:
             _install_debian_fashion_mnist(info, root)
@@ -289,4 +314,4 @@ def read_raw(name: str, root: str | os.PathLike, download: bool = False) -> RawD
 
 
 __all__ = ["DEBIAN_FASHION_MNIST_DIR", "DataError", "DatasetInfo", "RawData", "get_dataset_info",
-           "list_datasets", "read_raw"]
+           "list_datasets", "read_raw", "register_dataset"]
