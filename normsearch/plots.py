@@ -5,8 +5,8 @@ them from the study), draws one figure with matplotlib's object-oriented API on 
 (no pyplot: no display, no global figure state, safe on headless machines and in threads),
 writes ``path`` and returns it.
 
-Colours are fixed per normalizer kind (:func:`kind_color`), so BN is the same green in the
-choice map, the SwitchNorm importance weights and every report.
+Colours are fixed per normalizer kind (:func:`kind_color`, from each normalizer's registration), so
+BN is the same green in the choice map, the SwitchNorm importance weights and every report.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap, to_rgb
 from matplotlib.figure import Figure
@@ -24,28 +25,21 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from matplotlib.transforms import blended_transform_factory
 
-from .spec import KIND_SHORT, PARAM_SHORT  # noqa: F401  (the figures use the tables' vocabulary)
+from .norms import get_norm_entry
+from .norms._registry import DEFAULT_COLORS
+from .spec import PARAM_SHORT, kind_short  # noqa: F401  (the figures use the tables' vocabulary)
 
-_KIND_COLORS = {
-    "batchnorm": "#2ca02c", "instancenorm": "#1f77b4", "layernorm": "#ff7f0e", "groupnorm": "#9467bd",
-    "switchnorm": "#d62728", "modenorm": "#8c564b", "modegroupnorm": "#e377c2", "mixturenorm": "#bcbd22",
-    "none": "#d9d9d9",
-}
-_EXTRA_COLORS = ("#17becf", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94")
 _DPI = 110
 _BEST = "#d62728"
 
 
-def kind_short(kind: str) -> str:
-    """``"modenorm"`` -> ``"MN"``; unknown kinds are returned unchanged."""
-    return KIND_SHORT.get(kind, kind)
-
-
 def kind_color(kind: str) -> str:
-    """Fixed colour of a normalizer kind (unknown kinds: a stable pick from a spare palette)."""
-    if kind in _KIND_COLORS:
-        return _KIND_COLORS[kind]
-    return _EXTRA_COLORS[sum(map(ord, kind)) % len(_EXTRA_COLORS)]
+    """Colour of a normalizer kind: its ``register_norm`` ``color`` (a kind no longer registered,
+    e.g. in an old study: a stable pick from the default palette)."""
+    try:
+        return get_norm_entry(kind).color
+    except KeyError:
+        return DEFAULT_COLORS[sum(map(ord, kind)) % len(DEFAULT_COLORS)]
 
 
 def _text_color(background: str) -> str:
@@ -299,8 +293,7 @@ def plot_mode_gates(gates: Mapping[str, np.ndarray], path: Path, *, title: str =
     """
     labels = list(gates)
     k_max = max(g.shape[1] for g in gates.values())
-    palette = [kind_color(k) for k in ("instancenorm", "layernorm", "batchnorm", "groupnorm", "switchnorm",
-                                       "modenorm", "modegroupnorm", "mixturenorm")]
+    palette = colormaps["tab10"].colors  # modes are not kinds: matplotlib's qualitative palette
     fig, axes = _figure(max(9.0, 5.0 + 0.5 * len(labels)), 4.2, 1, 2, width_ratios=[max(1.0, 0.4 * len(labels)), 1.6])
     ax, hx = axes[0]
     x = np.arange(len(labels))

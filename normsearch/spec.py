@@ -13,15 +13,19 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from .norms import create_norm_layer
+from .norms import create_norm_layer, get_norm_entry
 
-#: Short names (the field's abbreviations) of the registered normalizers.
-KIND_SHORT = {
-    "batchnorm": "BN", "groupnorm": "GN", "layernorm": "LN", "instancenorm": "IN", "switchnorm": "SN",
-    "modenorm": "MN", "modegroupnorm": "MGN", "mixturenorm": "MixN", "none": "none",
-}
 #: Short names of layer hyper-parameters in cell texts (K modes/components, G groups).
 PARAM_SHORT = {"num_components": "K", "num_groups": "G"}
+
+
+def kind_short(kind: str) -> str:
+    """The registered short name of a normalizer (``"modenorm"`` -> ``"MN"``, its ``register_norm``
+    ``short``); a kind no longer registered (an old study's) is returned unchanged."""
+    try:
+        return get_norm_entry(kind).short
+    except KeyError:
+        return kind
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class NormSpec:
 
     def short(self) -> str:
         """Compact form used in tables and figures, e.g. ``MN K=2+SL``."""
-        parts = [KIND_SHORT.get(self.kind, self.kind)] + [f"{PARAM_SHORT.get(k, k)}={v}" for k, v in self.params]
+        parts = [kind_short(self.kind)] + [f"{PARAM_SHORT.get(k, k)}={v}" for k, v in self.params]
         return " ".join(parts) + ("+SL" if self.std_loss else "")
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,9 +2,13 @@
 
 Every layer is built as ``layer(num_features, **kwargs)`` and keeps its state in registered
 buffers. Look them up by name with :func:`create_norm_layer`; :func:`list_norms` lists the names.
+
+A new normalizer is one module with a ``@register_norm("name", summary=..., short=..., color=...)``
+class (its metadata lives in the registration, see :func:`register_norm`) plus one import line
+below, which runs the registration.
 """
 
-from ._registry import NormEntry, create_norm_layer, get_norm_entry, list_norms, register_norm
+from ._registry import NormEntry, create_norm_layer, get_norm_entry, list_norms, norm_entry_of, register_norm
 from .basic import GroupNorm2d, InstanceNorm2d, LayerNorm2d, NoNorm
 from .mode import ModeGroupNorm2d, ModeNorm2d
 from .mixture import MixtureNorm2d
@@ -16,6 +20,7 @@ __all__ = [
     "create_norm_layer",
     "get_norm_entry",
     "list_norms",
+    "norm_entry_of",
     "register_norm",
     "GroupNorm2d",
     "InstanceNorm2d",

@@ -14,7 +14,7 @@ The sources are compiled with :func:`torch.utils.cpp_extension.load` the first t
 ModeGroupNorm, SwitchNorm or MixtureNorm layer sees a float32/float64 channels_last CPU tensor:
 about 40 s, once per machine and source version (cached under ``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``; concurrent trials wait on torch's build lock, and ``normsearch run``
-builds them before its first trial when the search space has one of :data:`LAYER_KINDS`). Without
+builds them before its first trial when the search space has one of :func:`layer_kinds`). Without
 a C++ compiler, or with ``NORMSEARCH_CPU_KERNELS=0``, the layers use the plain-op path, which computes the
 same values (tested to 1e-5 in float32).
 """
@@ -34,17 +34,31 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["LAYER_KINDS", "disabled", "enabled", "kernels", "usable"]
+__all__ = ["LAYER_KINDS", "disabled", "enabled", "kernels", "layer_kinds", "usable"]
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("_cpu_kernels.cpp", "_cpu_mixture_kernels.cpp")]
 _ENV = "NORMSEARCH_CPU_KERNELS"
-# Registry names of the layers that use these kernels (worth building them before trials start).
-LAYER_KINDS = frozenset({"modenorm", "modegroupnorm", "switchnorm", "mixturenorm"})
 # A build takes ~40 s; a lock file this much older was left by a build process that was killed.
 STALE_LOCK_S = 600.0
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _failed = False
+
+
+def layer_kinds() -> frozenset[str]:
+    """Registry names of the normalizers registered with ``fused_kernels`` (they use these kernels,
+    so building them before trials start is worth it)."""
+    from ._registry import _REGISTRY
+
+    return frozenset(name for name, entry in _REGISTRY.items() if entry.fused_kernels)
+
+
+def __getattr__(name: str) -> frozenset[str]:
+    """``LAYER_KINDS``: :func:`layer_kinds` read when asked, so normalizers registered after this
+    module was imported are included."""
+    if name == "LAYER_KINDS":
+        return layer_kinds()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def enabled() -> bool:

@@ -10,12 +10,14 @@ from torch import Tensor, nn
 
 from ._registry import register_norm
 
-register_norm("batchnorm", summary="BatchNorm2d (Ioffe & Szegedy 2015), torch's own layer")(
+register_norm("batchnorm", summary="BatchNorm2d (Ioffe & Szegedy 2015), torch's own layer",
+              short="BN", color="#2ca02c")(
     nn.BatchNorm2d
 )
 
 
-@register_norm("groupnorm", summary="GroupNorm (Wu & He 2018): statistics over channel groups x H x W")
+@register_norm("groupnorm", summary="GroupNorm (Wu & He 2018): statistics over channel groups x H x W",
+               short="GN", color="#9467bd")
 class GroupNorm2d(nn.GroupNorm):
     """``torch.nn.GroupNorm`` with the channel count first.
 
@@ -41,7 +43,8 @@ class GroupNorm2d(nn.GroupNorm):
         super().__init__(num_groups, num_features, eps=eps, affine=affine)
 
 
-@register_norm("layernorm", summary="LayerNorm (Ba et al. 2016) over C x H x W, per-channel affine")
+@register_norm("layernorm", summary="LayerNorm (Ba et al. 2016) over C x H x W, per-channel affine",
+               short="LN", color="#ff7f0e")
 class LayerNorm2d(nn.GroupNorm):
     """Layer normalization of 4-D activations: one mean/variance per sample over (C, H, W).
 
@@ -56,7 +59,8 @@ class LayerNorm2d(nn.GroupNorm):
         super().__init__(1, num_features, eps=eps, affine=affine)
 
 
-@register_norm("instancenorm", summary="InstanceNorm (Ulyanov et al. 2017) over H x W, per-channel affine")
+@register_norm("instancenorm", summary="InstanceNorm (Ulyanov et al. 2017) over H x W, per-channel affine",
+               short="IN", color="#1f77b4")
 class InstanceNorm2d(nn.GroupNorm):
     """Instance normalization: one mean/variance per sample and channel over (H, W).
 
@@ -71,7 +75,8 @@ class InstanceNorm2d(nn.GroupNorm):
         super().__init__(num_features, num_features, eps=eps, affine=affine)
 
 
-@register_norm("none", summary="no normalization (identity); combine with the standardization loss")
+@register_norm("none", summary="no normalization (identity); combine with the standardization loss",
+               short="none", color="#d9d9d9")
 class NoNorm(nn.Identity):
     """No normalization: the identity, accepting and recording ``num_features`` so it fits a slot.
 

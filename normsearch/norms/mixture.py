@@ -48,6 +48,7 @@ _MIN_FIT_POINTS = 64  # the subsample for the GMM fit never has fewer points (un
     "mixturenorm",
     summary="MixtureNorm (Kalayeh & Shah 2019): BN per component of a GMM fitted to each batch",
     paper="Kalayeh & Shah, Training Faster by Separating Modes of Variation in Batch-normalized Models, TPAMI 2019",
+    short="MixN", color="#bcbd22", fused_kernels="mixture",
 )
 class MixtureNorm2d(nn.Module):
     """Mixture Normalization of 4-D activations (Kalayeh & Shah, TPAMI 2019, Sec. 3.2).

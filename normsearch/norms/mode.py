@@ -97,6 +97,7 @@ class _ModeMixtureBase(nn.Module):
     "modenorm",
     summary="Mode Normalization (Deecke et al. 2019): K gated BatchNorm modes, one shared affine",
     paper=_PAPER,
+    short="MN", color="#8c564b", fused_kernels="per_sample", report_figure="mode_gates",
 )
 class ModeNorm2d(_ModeMixtureBase):
     r"""Mode Normalization: BatchNorm with K soft modes chosen per sample by a gating network.
@@ -231,6 +232,7 @@ class ModeNorm2d(_ModeMixtureBase):
     "modegroupnorm",
     summary="Mode Group Normalization (Deecke et al. 2019): per-sample, channels gated into K modes",
     paper=_PAPER,
+    short="MGN", color="#e377c2", fused_kernels="per_sample", report_figure="mode_gates",
 )
 class ModeGroupNorm2d(_ModeMixtureBase):
     r"""Mode Group Normalization: GroupNorm whose K channel groups are soft and learned.

@@ -28,6 +28,8 @@ from ._registry import register_norm
     "switchnorm",
     summary="SwitchNorm (Luo et al. 2019): softmax-weighted IN/LN/BN statistics, sparse mode",
     paper="Luo et al., Differentiable Learning-to-Normalize via Switchable Normalization, ICLR 2019",
+    short="SN", color="#d62728", fused_kernels="per_sample", recalibration="batch_average",
+    report_figure="switchnorm_weights",
 )
 class SwitchNorm2d(nn.Module):
     """Switchable Normalization of 4-D activations (Luo et al., ICLR 2019, Eq. 3-5).
