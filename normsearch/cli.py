@@ -133,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _locate(msg: str, args: argparse.Namespace) -> str:
+    """Put the config file in front of a message that starts with one of its key paths (checks made
+    after loading, e.g. by ``runner.prepare``, know the key but not the file); ``--run-dir`` or
+    ``--storage`` instead when that option set the value."""
+    from .config import RunConfig
+
+    key = msg.split(":", 1)[0]
+    top = key.split(".", 1)[0].split("[", 1)[0]
+    if getattr(args, "config", None) is None or " " in key or top not in RunConfig.model_fields:
+        return msg
+    return f"{'--' + top.replace('_', '-') if getattr(args, top, None) else args.config}: {msg}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``normsearch`` console script; returns the exit status."""
     from pydantic import ValidationError
@@ -148,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.func(args)
     except (ConfigError, DataError, FileNotFoundError, LookupError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        return _fail(msg)
+        return _fail(_locate(msg, args) if isinstance(err, ConfigError) else msg)
     except ValidationError as err:
         return _fail(format_validation_error(err, "command-line override"))
     except KeyboardInterrupt:

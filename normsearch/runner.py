@@ -48,13 +48,18 @@ class RunSummary:
 
 
 def prepare(cfg: RunConfig) -> SearchSpace:
-    """Check data, model and space; return the resolved space. Writes nothing.
+    """Check names, outputs, device, data, model and space; return the resolved space. Writes nothing.
 
     Raises:
-        ConfigError: invalid space or a run directory created by a different configuration.
+        ConfigError: one line starting with the key path: anything :func:`normsearch.preflight.preflight`
+            rejects (registry names, run_dir, storage, train.device, data sizes, model.kwargs,
+            image size, std_loss.select), an invalid space, or a run directory created by a
+            different configuration.
         normsearch.data.DataError: the dataset is missing and cannot be downloaded.
     """
-    slots = model_slots(cfg)
+    from .preflight import preflight
+
+    slots = preflight(cfg)
     space = SearchSpace.from_config(cfg.space, slots, cfg.model.name)
     if cfg.search.backend == "enas":  # ENAS needs discrete options (no float ranges): check now
         from .search.enas_space import EnasSpace

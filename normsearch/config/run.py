@@ -150,7 +150,7 @@ class RunConfig(_Strict):
         storage: Optuna storage URL (default ``sqlite:///<run_dir>/study.db``).
     """
 
-    name: str = "normsearch"
+    name: str = Field("normsearch", min_length=1)
     run_dir: Optional[str] = None
     storage: Optional[str] = None
     seed: int = 0
@@ -221,16 +221,27 @@ def parse_config(raw: Any, source: str = "<config>", default_name: str = "normse
 
 
 def load_config(path: Union[str, Path]) -> RunConfig:
-    """Read and validate a run configuration YAML file.
+    """Read and validate a run configuration YAML file (UTF-8) against the schema.
+
+    Registry names (``data.dataset``, ``model.name``, ``search.references``) are plain strings
+    here, since this package imports nothing else of normsearch: :func:`normsearch.load_config`
+    checks them too, and ``normsearch.runner.prepare`` checks everything that needs the data.
 
     Raises:
-        ConfigError: unreadable file, YAML syntax error (with line:column) or invalid content.
+        ConfigError: unreadable or non-UTF-8 file, YAML syntax error (with line:column) or
+            invalid content.
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config file ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                          f"save the file as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -29,11 +29,13 @@ class DataConfig(_Strict):
     """Which dataset, where it lives, and how the training set is split.
 
     Attributes:
-        dataset: registry name (``fashion_mnist``, ``cifar10``, ``cifar100``, ...).
+        dataset: registry name (``fashion_mnist``, ``cifar10``, ``cifar100``, ...); checked against
+            ``normsearch.data.list_datasets()`` by :func:`normsearch.load_config` and
+            ``normsearch.runner.prepare`` (this package imports no registry).
         root: folder holding/receiving the data (``~`` expanded).
         download: allow torchvision to download when the files are missing.
         val_size: images carved from the training set for validation (drives the search), as a
-            count (>= 1) or a fraction (< 1).
+            whole count (>= 1) or a fraction (< 1) of the training set.
         train_size: use only this many training images (after the validation split); ``None`` =
             all. For quick searches.
         test_size: evaluate on only this many test images; ``None`` = all.
@@ -50,13 +52,11 @@ class DataConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
     split_seed: int = 0
 
-    @field_validator("dataset")
+    @field_validator("val_size")
     @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        from ..data import list_datasets  # lazy: data imports this module
-
-        if v not in list_datasets():
-            raise ValueError(f"unknown dataset {v!r}; valid: {', '.join(list_datasets())}")
+    def _fraction_or_count(cls, v: float) -> float:
+        if v >= 1 and not float(v).is_integer():
+            raise ValueError(f"must be a fraction < 1 or a whole count, got {v}")
         return v
 
 
@@ -270,16 +270,11 @@ class SpaceConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """The CNN: a ``normsearch.models`` registry name and extra constructor arguments."""
+    """The CNN: a ``normsearch.models`` registry name and extra constructor arguments.
+
+    ``name`` is checked against ``normsearch.models.list_models()`` by :func:`normsearch.load_config`
+    and ``normsearch.runner.prepare``; ``kwargs`` when the model is first built there.
+    """
 
     name: str = "resnet20"
     kwargs: dict[str, Any] = {}
-
-    @field_validator("name")
-    @classmethod
-    def _known_model(cls, v: str) -> str:
-        from ..models import list_models  # lazy: keeps config importable on its own
-
-        if v not in list_models():
-            raise ValueError(f"unknown model {v!r}; valid: {', '.join(list_models())}")
-        return v

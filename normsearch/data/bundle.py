@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from normsearch.config import DataConfig
+from normsearch.config import ConfigError, DataConfig
 from normsearch.data.datasets import get_dataset_info, read_raw
 
 
@@ -115,16 +115,23 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
     return tuple(mean.tolist()), tuple(var.sqrt().tolist())
 
 
-def _count(value: float, total: int, what: str) -> int:
-    """``value`` as a count of ``total`` images: a fraction if < 1, else an integral count."""
+def _count(value: float, total: int, dataset: str) -> int:
+    """``data.val_size`` as a count of the ``total`` training images: a fraction if < 1, else a whole count.
+
+    Raises:
+        ConfigError: a non-whole count >= 1, or a count that leaves no training image.
+    """
     if value < 1:
         n = max(1, round(value * total))
     elif value != int(value):
-        raise ValueError(f"data.{what} must be a fraction < 1 or a whole count, got {value}")
+        raise ConfigError(f"data.val_size: must be a fraction < 1 or a whole count, got {value:g}")
     else:
         n = int(value)
-    if n >= total:
-        raise ValueError(f"data.{what}={value} leaves no training images (the training set has {total})")
+    if n > total:
+        raise ConfigError(f"data.val_size: {value:g} is larger than {dataset}'s {total} training images")
+    if n == total:
+        raise ConfigError(f"data.val_size: {value:g} leaves none of {dataset}'s {total} training images "
+                          f"for training")
     return n
 
 
@@ -154,19 +161,22 @@ def load_data(cfg: DataConfig) -> DataBundle:
         The :class:`DataBundle`; its tensors are on the CPU. Treat them as read-only.
 
     Raises:
-        ValueError: unknown dataset, or sizes that do not fit the dataset.
+        ValueError: unknown dataset.
+        normsearch.config.ConfigError: sizes that do not fit the dataset (a ``ValueError``; one
+            line starting with the key path, e.g. ``data.val_size: ...``).
         DataError: files missing and not downloadable, or unreadable (one-line message).
     """
     info = get_dataset_info(cfg.dataset)
     raw = read_raw(cfg.dataset, cfg.root, cfg.download)
     n_train_all = len(raw.train_y)
-    n_val = _count(cfg.val_size, n_train_all, "val_size")
+    n_val = _count(cfg.val_size, n_train_all, cfg.dataset)
     rest = n_train_all - n_val
     if cfg.train_size is not None and cfg.train_size > rest:
-        raise ValueError(f"data.train_size={cfg.train_size} exceeds the {rest} training images left "
-                         f"after the validation split of {n_val}")
+        raise ConfigError(f"data.train_size: {cfg.train_size} is larger than the {rest} training images left "
+                          f"of {cfg.dataset}'s {n_train_all} after data.val_size ({n_val})")
     if cfg.test_size is not None and cfg.test_size > len(raw.test_y):
-        raise ValueError(f"data.test_size={cfg.test_size} exceeds the {len(raw.test_y)} test images")
+        raise ConfigError(f"data.test_size: {cfg.test_size} is larger than {cfg.dataset}'s "
+                          f"{len(raw.test_y)} test images")
 
     order = stratified_order(raw.train_y, torch.Generator().manual_seed(cfg.split_seed))
     n_train = rest if cfg.train_size is None else cfg.train_size
