@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="override run_dir (where the study and weights go)")
     r.add_argument("--storage", help="override the Optuna storage URL (any SQLAlchemy URL)")
     r.add_argument("--n-trials", type=int, help="override search.n_trials")
-    r.add_argument("--backend", choices=["optuna", "ray", "enas"], help="override search.backend")
+    from .search.registry import list_backends
+
+    r.add_argument("--backend", choices=list_backends(), help="override search.backend")
     r.add_argument("--max-failures", type=int, help="override search.max_failures (failed trials before the study stops)")
     r.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     r.set_defaults(func=_cmd_run)

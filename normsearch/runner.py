@@ -79,17 +79,10 @@ def prepare(cfg: RunConfig) -> SearchSpace:
 
 
 def _backend(name: str):
-    if name == "optuna":
-        from .search.optuna_backend import run_optuna
+    """``search(cfg, space, progress)`` of the registered backend ``name`` (:mod:`normsearch.search.registry`)."""
+    from .search.registry import get_backend
 
-        return run_optuna
-    if name == "ray":
-        from .search.ray_backend import run_ray
-
-        return run_ray
-    from .search.enas import run_enas
-
-    return run_enas
+    return get_backend(name).search
 
 
 def _build_cpu_kernels(cfg: RunConfig) -> None:

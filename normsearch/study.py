@@ -6,8 +6,12 @@ Every trial, whichever backend ran it, carries:
 - intermediate values: validation accuracy (fraction) after each epoch, step = epoch;
 - value: validation accuracy after the last epoch run;
 - user attrs (``ATTR_*`` below): the resolved per-layer spec, parameter count, train step time
-  (seconds), throughput (images/s), the backend, and for a trial stopped early the pruner or
-  scheduler that stopped it (state PRUNED, never COMPLETE), for a failed one the reason (FAIL).
+  (seconds), throughput (images/s), the backend, the training seed, the stage (``search`` or
+  ``confirm``), and for a trial stopped early the pruner or scheduler that stopped it (state
+  PRUNED, never COMPLETE), for a failed one the reason (FAIL).
+
+Only :class:`normsearch.search.recorder.TrialRecorder` writes them; this module holds their names,
+the study's creation and read-side helpers.
 """
 
 from __future__ import annotations
@@ -41,6 +45,14 @@ ATTR_WEIGHTS = "weights_path"
 ATTR_WORKER = "worker"
 ATTR_VAL_CURVE = "val_acc_per_epoch"  # multi-objective studies, where Optuna keeps no intermediate values
 ATTR_RETRY_OF = "retry_of"
+ATTR_STAGE = "stage"  # STAGE_SEARCH (also when missing) or STAGE_CONFIRM
+ATTR_SEED = "seed"  # training seed; an enqueued trial's own ``seed`` attr wins over cfg.seed + number
+ATTR_REFERENCE = "reference"  # name of the normalizer of a uniform reference arm
+ATTR_SUPERNET_ACC = "enas_supernet_acc"  # ENAS: the child's score with the shared weights (fraction)
+STAGE_SEARCH = "search"
+STAGE_CONFIRM = "confirm"
+#: user attrs an enqueued trial carries into its retry after an interruption
+CARRIED_ATTRS = (ATTR_STAGE, ATTR_SEED, ATTR_REFERENCE)
 INTERRUPTED = "interrupted"  # prefix of the fail_reason of trials cut off by a kill or Ctrl-C
 
 METRIC = "val_acc"
@@ -65,12 +77,6 @@ def epoch_attrs(epoch: int, step_time_s: float, images_per_s: float, best_val_ac
         ATTR_IMAGES_PER_S: round(float(images_per_s), 2),
         ATTR_BEST_VAL: float(best_val_acc),
     }
-
-
-def set_attrs(trial: Any, attrs: Mapping[str, Any]) -> None:
-    """``trial.set_user_attr`` for each item (works on ``optuna.Trial`` and Ray's captor)."""
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
 
 
 def weights_path(run_dir: Path, number: int) -> Path:
@@ -121,10 +127,10 @@ def make_pruner(cfg: RunConfig) -> optuna.pruners.BasePruner:
 def open_storage(cfg: RunConfig, heartbeat: bool = True) -> optuna.storages.RDBStorage:
     """The run's RDB storage (sqlite file in the run directory unless ``storage`` names a URL).
 
-    With ``heartbeat`` (for ``Study.optimize`` workers) trials send a heartbeat every 10 s; one
-    silent for 60 s (its worker died on another host) is failed by the next worker that starts a
-    trial, and :func:`recover_interrupted` retries it. Ray's driver asks and tells trials itself,
-    where Optuna's heartbeat does not apply.
+    With ``heartbeat`` the recorder (:class:`normsearch.search.recorder.TrialRecorder`) sends a
+    heartbeat for each trial it runs every 10 s, in-process or on Ray; one silent for 60 s (its
+    worker died on another host) is failed by the next worker that starts a trial, and
+    ``TrialRecorder.recover_interrupted`` retries it.
     Workers started together on an empty database race to create Optuna's tables; the loser's
     ``CREATE TABLE`` fails (PostgreSQL: unique violation on ``pg_type``) and is retried, by which
     time the winner has committed them.
@@ -149,58 +155,30 @@ def open_storage(cfg: RunConfig, heartbeat: bool = True) -> optuna.storages.RDBS
     raise AssertionError("unreachable")
 
 
+def create_study(cfg: RunConfig, storage: Optional[optuna.storages.BaseStorage] = None) -> optuna.Study:
+    """Create (or load, when resuming) the run's study with the configured sampler and pruner.
+
+    The objectives' names (``search.objectives``, e.g. ``["val_acc", "step_time_s"]``) are stored
+    as the study's metric names, so optuna-dashboard labels its axes with them.
+    """
+    study = optuna.create_study(
+        study_name=cfg.name, storage=storage or open_storage(cfg), sampler=make_sampler(cfg),
+        pruner=make_pruner(cfg), directions=directions(cfg), load_if_exists=True,
+    )
+    with warnings.catch_warnings():  # metric names are flagged experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if study.metric_names != list(cfg.search.objectives):
+            study.set_metric_names(list(cfg.search.objectives))
+    return study
+
+
 def worker_id() -> str:
     """``host:pid`` of this process, recorded on every trial it runs."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _dead_local_worker(worker: str) -> bool:
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def recover_interrupted(study: optuna.Study) -> list[int]:
-    """Make a study whose worker was killed (SIGKILL, Ctrl-C, a crashed host) whole again.
-
-    1. RUNNING trials whose worker process on this host no longer exists are marked FAIL with
-       ``fail_reason = "interrupted: ..."`` (trials of live workers, here or elsewhere, are left
-       alone; remote dead workers are caught by the storage heartbeat).
-    2. Every interrupted trial not yet retried is enqueued again with the same params and
-       ``retry_of = <its number>``, so its configuration is trained once more, from scratch.
-
-    Completed and pruned trials are never touched, so none is lost or run twice.
-
-    Returns:
-        Numbers of the trials that were re-enqueued.
-    """
-    storage = study._storage
-    trials = study.get_trials(deepcopy=False)
-    for t in trials:
-        if t.state == TrialState.RUNNING and _dead_local_worker(str(t.user_attrs.get(ATTR_WORKER, ""))):
-            storage.set_trial_user_attr(t._trial_id, ATTR_FAIL_REASON, f"{INTERRUPTED}: worker {t.user_attrs[ATTR_WORKER]} died")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get(ATTR_RETRY_OF) for t in trials}
-    requeued = []
-    for t in trials:
-        reason = t.user_attrs.get(ATTR_FAIL_REASON)
-        stale = reason is None and ATTR_WORKER in t.user_attrs  # failed by the heartbeat check
-        if t.state == TrialState.FAIL and (stale or str(reason).startswith(INTERRUPTED)) and t.number not in retried:
-            study.enqueue_trial(t.params, user_attrs={ATTR_RETRY_OF: t.number}, skip_if_exists=False)
-            requeued.append(t.number)
-    return requeued
-
-
 class FailureLimit:
-    """Study callback: stop after ``limit`` trials failed in this session (earlier ones don't count)."""
+    """Stop after ``limit`` trials failed in this session (earlier ones don't count)."""
 
     def __init__(self, study: optuna.Study, limit: int):
         self.limit = limit
@@ -212,10 +190,6 @@ class FailureLimit:
 
     def exceeded(self, study: optuna.Study) -> bool:
         return self._failed(study) - self._before >= self.limit
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if self.exceeded(study):
-            study.stop()
 
 
 def run_config(run_dir: Path) -> RunConfig:
@@ -266,14 +240,26 @@ def val_acc_of(trial: FrozenTrial) -> Optional[float]:
     return trial.values[0] if trial.values else None
 
 
+def is_search_stage(trial: FrozenTrial) -> bool:
+    """Whether a trial belongs to the search stage (``stage`` attr missing or ``"search"``)."""
+    return trial.user_attrs.get(ATTR_STAGE, STAGE_SEARCH) == STAGE_SEARCH
+
+
+def search_trials(study: optuna.Study, states: Optional[Iterable[TrialState]] = None) -> list[FrozenTrial]:
+    """The study's search-stage trials (in ``states``, if given), by number."""
+    chosen = None if states is None else tuple(states)
+    return [t for t in study.get_trials(deepcopy=False, states=chosen) if is_search_stage(t)]
+
+
 def count_finished(study: optuna.Study) -> int:
-    """Trials that count towards ``n_trials``: COMPLETE or PRUNED."""
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """Trials that count towards ``n_trials``: search-stage trials that are COMPLETE or PRUNED."""
+    return len(search_trials(study, FINISHED))
 
 
 def ranked_trials(study: optuna.Study, k: Optional[int] = None) -> list[FrozenTrial]:
-    """COMPLETE trials, best validation accuracy first (top ``k``); any number of objectives."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    """COMPLETE search-stage trials, best validation accuracy first (top ``k``); any number of
+    objectives. Confirmation trials (``stage: confirm``) are never ranked here."""
+    done = [t for t in search_trials(study, (TrialState.COMPLETE,)) if t.values]
     done.sort(key=val_acc_of, reverse=True)
     return done[:k] if k else done
 

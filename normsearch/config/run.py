@@ -83,7 +83,8 @@ class SearchConfig(_Strict):
     """How the space is searched.
 
     Attributes:
-        backend: ``optuna`` (in-process study), ``ray`` (Ray Tune + OptunaSearch) or ``enas``.
+        backend: a registered backend (:func:`normsearch.search.registry.list_backends`):
+            ``optuna`` (in-process study), ``ray`` (Ray Tune) or ``enas``.
         n_trials: trials in the study (finished ones count, so a resumed run tops up).
         timeout_s: stop starting new trials after this many seconds (``None`` = no limit); for
             ``enas``: no supernet epoch starts that would end after it (at their mean duration).
@@ -99,7 +100,7 @@ class SearchConfig(_Strict):
         enas: ENAS settings.
     """
 
-    backend: Literal["optuna", "ray", "enas"] = "optuna"
+    backend: str = "optuna"
     n_trials: int = Field(8, ge=1)
     timeout_s: Optional[float] = Field(None, gt=0)
     sampler: Literal["tpe", "random", "nsga2"] = "tpe"
@@ -110,6 +111,15 @@ class SearchConfig(_Strict):
     references: list[str] = ["batchnorm"]
     ray: RayConfig = RayConfig()
     enas: EnasConfig = EnasConfig()
+
+    @field_validator("backend")
+    @classmethod
+    def _registered_backend(cls, v: str) -> str:
+        from ..search.registry import list_backends  # a leaf module: imports no backend
+
+        if v not in list_backends():
+            raise ValueError(f"unknown backend {v!r}; valid: {', '.join(list_backends())}")
+        return v
 
     @field_validator("objectives")
     @classmethod

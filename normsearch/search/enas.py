@@ -49,6 +49,7 @@ from .enas_plots import compact_attrs, plot_history, write_history
 from .enas_retrain import retrain_children
 from .enas_space import EnasSpace
 from .progress import SearchProgress
+from .recorder import TrialRecorder
 from .supernet import Supernet, recalibrate
 
 __all__ = ["EnasSearch", "run_enas", "enas_dir"]
@@ -329,7 +330,7 @@ def _fit_schedule(search: EnasSearch, limit_s: float, epoch_s: float, progress: 
                         f"search.timeout_s={limit_s:g} s; the learning-rate schedule now spans {search.total_epochs}")
 
 
-def run_enas(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> optuna.Study:
+def run_enas(cfg: RunConfig, space: SearchSpace, progress: SearchProgress, recorder: TrialRecorder) -> optuna.Study:
     """Run (or resume) the ENAS search, then retrain its best children as trials of the study.
 
     Writes ``RUN_DIR/enas/checkpoint.pt`` (after every epoch), ``history.json`` (controller reward,
@@ -345,6 +346,7 @@ def run_enas(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> op
         cfg: the run configuration.
         space: the resolved search space.
         progress: terminal progress printer.
+        recorder: records the retrained children as trials of the run's study.
 
     Returns:
         The run's Optuna study.
@@ -382,7 +384,7 @@ def run_enas(cfg: RunConfig, space: SearchSpace, progress: SearchProgress) -> op
     del search  # free the supernet before the retrained trials build their own models
     write_history(history, folder / "history.json")
     plot_history(history, folder / "controller.png")
-    study = retrain_children(cfg, space, espace, history["final"]["children"], progress)
+    study = retrain_children(cfg, space, espace, history["final"]["children"], recorder)
     for key, value in compact_attrs(history, folder).items():
         study.set_user_attr(key, value)
     return study
