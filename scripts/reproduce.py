@@ -8,7 +8,7 @@ Experiments (details and the readings of the papers: ``normsearch/reproduce/expe
   mn-resnet20  Deecke et al., Table 4: ResNet-20 BN vs ModeNorm K=2 (CIFAR-10 error 8.42 / 7.99);
                recipe from search_spaces/cifar_resnet20.yaml, epochs scaled by --epochs-scale.
 
-Without --dataset, an experiment uses its paper's dataset when it is on disk (CIFAR-10 needs
+Without --dataset, an experiment uses its paper's dataset when it is on disk (MNIST or CIFAR-10:
 --download or the files under --data-root) and Fashion-MNIST otherwise; the table says which.
 The table is also written as CSV (--out, default runs/reproduce/<name>.csv).
 

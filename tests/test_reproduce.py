@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from normsearch.config import DataConfig, TrainConfig, load_config
+from normsearch.models import create_model
 from normsearch.data import TensorLoader, load_data
 from normsearch.norms.standardization import standardization_loss
 from normsearch.reproduce import (
     CSV_COLUMNS, EXPERIMENTS, ReproduceOptions, ShiftOnlyBatchNorm2d, build_trainer, mixn_cnn_arms, mn_resnet20_arms,
-    run_experiment, scale_epochs, sl_cnn_arms, steps_to_reach, write_csv,
+    run_experiment, scale_epochs, sl_cnn_arms, sl_cnn_data, sl_cnn_train_config, steps_to_reach, write_csv,
 )
 from normsearch.reproduce.experiments import RESNET_RECIPE
 from normsearch.surgery import find_norm_slots, slot_kinds
 
-FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_data = pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")
+needs_data = pytest.mark.needs_fashion_mnist
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce.py"
 
 
@@ -61,7 +61,7 @@ def test_sl_cnn_script_end_to_end(root, tmp_path, capsys):
     assert [float(r["paper"]) for r in rows] == [paper for _, (paper, _) in sl_cnn_arms()]
     for r in rows:
         assert r["experiment"] == "sl-cnn"
-        assert r["dataset"] == "fashion_mnist; subsampled to 256 train / 64 val / 100 test images"
+        assert r["dataset"] == "fashion_mnist (mnist unavailable); subsampled to 256 train / 64 val / 100 test images"
         assert (r["runs"], r["seeds"]) == ("2", "2")
         assert 0.0 <= float(r["ours_mean"]) <= 100.0 and float(r["ours_std"]) >= 0.0
         assert r["budget"].startswith("6 steps x batch 64")
@@ -115,9 +115,7 @@ def test_recipe_scaling_reads_the_yaml():
 
 
 @pytest.fixture(scope="module")
-def bundle(root):
-    if not FASHION.exists():
-        pytest.skip("needs Debian's dataset-fashion-mnist")
+def bundle(root, fashion_mnist_root):
     return load_data(DataConfig(dataset="fashion_mnist", root=root, download=False, val_size=64, train_size=256,
                                 test_size=64))
 
@@ -167,6 +165,47 @@ def test_bn_arm_has_a_frozen_scale_and_a_learned_shift(bundle):
     for clone in (copy.deepcopy(norms[0]), pickle.loads(pickle.dumps(norms[0]))):
         assert not clone.weight.requires_grad and clone.bias.requires_grad
 
+
+@needs_data
+def test_sl_cnn_protocol_is_appendix_a1(root):
+    """Collins et al. App. A.1, read from the experiment's own definition (data, Trainer settings, arms' models)."""
+    opts = ReproduceOptions(device="cpu", threads=1, data_root=root)
+    bundle, label = sl_cnn_data(opts)
+    assert label == "fashion_mnist (mnist unavailable)"  # MNIST first; it is not on disk here
+    # "1000 gradient updates, which corresponds to training with 2.13 epochs of the training set": all 60,000
+    assert len(bundle.train) == 59_999 and len(bundle.test) == 10_000
+    cfg = sl_cnn_train_config(opts, bundle)
+    assert cfg.epochs * cfg.steps_per_epoch == 1000 and round(1000 * cfg.batch_size / len(bundle.train), 2) == 2.13
+    sgd = cfg.optimizer
+    assert (cfg.batch_size, sgd.lr, sgd.momentum, sgd.weight_decay) == (128, 1e-3, 0, 4e-5)
+    assert cfg.schedule.kind == "constant" and cfg.grad_clip is None
+    for arm, _ in sl_cnn_arms():
+        model = build_trainer(arm, TrainConfig(device="cpu"), bundle, 0).model
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [
+            (1, 32, (3, 3), (2, 2), (1, 1)), (32, 16, (3, 3), (2, 2), (1, 1)), (16, 8, (3, 3), (2, 2), (1, 1))]
+        assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10) and model.linear.in_features == 8 * 4 * 4
+        # BN's only additive term is its shift; the networks without BN keep their convolution biases
+        is_bn = isinstance(model.conv1.norm, ShiftOnlyBatchNorm2d)
+        assert arm.name.startswith("BN") == is_bn
+        assert all((c.bias is None) == is_bn for c in convs)
+        # unstated init read as TensorFlow's default: Glorot-uniform kernels, zero biases
+        for layer in (*convs, model.linear):
+            w = layer.weight.detach()
+            fan_in, fan_out = w[0].numel(), w.shape[0] * w[0].numel() // w.shape[1]
+            bound = math.sqrt(6 / (fan_in + fan_out))
+            assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+            assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.2)
+            assert layer.bias is None or not layer.bias.any()
+
+
+def test_sl_cnn_model_init_option():
+    torch.manual_seed(0)
+    he = create_model("sl_cnn", in_channels=1, num_classes=10, norm_layer="none", init="he")
+    # He fan-out normal: std sqrt(2 / (32 * 9)), unbounded, so it leaves conv1's Glorot bound sqrt(6 / 297)
+    assert he.conv1.conv.weight.abs().max() > math.sqrt(6 / (9 + 288))
+    with pytest.raises(ValueError, match="init must be"):
+        create_model("sl_cnn", in_channels=1, num_classes=10, norm_layer="none", init="xavier")
 
 def test_steps_to_reach():
     accs, steps = [0.1, 0.5, 0.4, 0.7], [10, 20, 30, 40]

@@ -114,6 +114,12 @@ class StandardizationLossCNN(nn.Sequential):
     An adaptive average pool to 4x4 before the classifier is the identity for both sizes and keeps
     other sizes and kernels working.
 
+    The paper states no initialization. ``init="glorot"`` reads it as the TensorFlow default
+    (``tf.layers``/Keras/TF-Slim conv and dense layers: Glorot & Bengio (2010) uniform kernels, zero
+    biases; the paper's large runs are on TPUs, App. A.3-A.5, i.e. TensorFlow) and applies it to the
+    three convolutions and the classifier; ``init="he"`` keeps normsearch's usual He fan-out normal
+    convolutions (zero biases) and PyTorch's default for the classifier.
+
     Args:
         in_channels: image channels.
         num_classes: classifier outputs.
@@ -121,12 +127,13 @@ class StandardizationLossCNN(nn.Sequential):
         kernel_size: the convolutions' kernel side (odd), padding ``kernel_size // 2``. Default 3.
         conv_bias: give the convolutions a bias. Default True: the paper's standardization-loss
             network has no normalizer to provide a shift.
+        init: ``"he"`` (default) or ``"glorot"``, see above.
 
     Shape:
         Input (N, in_channels, H, W) with H, W >= 1 -> (N, num_classes).
 
     Raises:
-        ValueError: ``kernel_size`` is not a positive odd integer.
+        ValueError: ``kernel_size`` is not a positive odd integer, or an unknown ``init``.
     """
 
     def __init__(
@@ -137,9 +144,12 @@ class StandardizationLossCNN(nn.Sequential):
         norm_layer: NormLayer,
         kernel_size: int = 3,
         conv_bias: bool = True,
+        init: str = "he",
     ):
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+        if init not in ("he", "glorot"):
+            raise ValueError(f"init must be 'he' or 'glorot', got {init!r}")
         stages: "OrderedDict[str, nn.Module]" = OrderedDict()
         channels = in_channels
         for i, width in enumerate((32, 16, 8), start=1):
@@ -151,6 +161,11 @@ class StandardizationLossCNN(nn.Sequential):
         stages["flatten"] = nn.Flatten()
         stages["linear"] = nn.Linear(channels * 4 * 4, num_classes)
         super().__init__(stages)
+        if init == "glorot":
+            for layer in (stages["conv1"].conv, stages["conv2"].conv, stages["conv3"].conv, stages["linear"]):
+                nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
 
 register_model("lenet")(LeNet)

@@ -13,11 +13,12 @@ from .common import (
 )
 from .experiments import (
     EXPERIMENTS, Experiment, ShiftOnlyBatchNorm2d, mixn_cnn_arms, mn_resnet20_arms, run_experiment, scale_epochs,
-    sl_cnn_arms,
+    sl_cnn_arms, sl_cnn_data, sl_cnn_train_config,
 )
 
 __all__ = [
     "CSV_COLUMNS", "EXPERIMENTS", "FALLBACK_DATASET", "Arm", "Experiment", "ReproduceOptions", "ResultRow",
     "ShiftOnlyBatchNorm2d", "all_slots_spec", "build_trainer", "mixn_cnn_arms", "mn_resnet20_arms", "run_experiment",
-    "scale_epochs", "sl_cnn_arms", "steps_to_reach", "write_csv",
+    "scale_epochs", "sl_cnn_arms", "sl_cnn_data", "sl_cnn_train_config",
+    "steps_to_reach", "write_csv",
 ]

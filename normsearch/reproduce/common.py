@@ -12,7 +12,7 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -42,6 +42,8 @@ class Arm:
         norm_layer: what fills every slot first (registry name or ``norm_layer(C)`` callable).
         spec: per-slot replacements and the standardization-loss weight (the Trainer applies it).
         optimizer: ``"sgd"`` (the Trainer's own) or ``"rmsprop"``.
+        model_options: the model's own keyword options (e.g. ``{"conv_bias": False, "init": "glorot"}``
+            for ``sl_cnn``), passed to :func:`~normsearch.models.create_model`.
     """
 
     name: str
@@ -49,6 +51,7 @@ class Arm:
     norm_layer: Union[str, Callable[[int], nn.Module]] = "batchnorm"
     spec: ModelSpec = field(default_factory=ModelSpec)
     optimizer: str = "sgd"
+    model_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,7 @@ def build_trainer(arm: Arm, cfg: TrainConfig, bundle: DataBundle, seed: int) -> 
     """
     set_seed(seed)
     model = model_from_spec(arm.model, arm.spec, in_channels=bundle.in_channels, num_classes=bundle.num_classes,
-                            norm_layer=arm.norm_layer)
+                            norm_layer=arm.norm_layer, **arm.model_options)
     trainer_cls = {"sgd": Trainer, "rmsprop": _RMSpropTrainer}[arm.optimizer]
     return trainer_cls(model, cfg.model_copy(update={"seed": seed}), std_loss_layers=arm.spec.std_loss_layers,
                        std_loss_weight=arm.spec.std_loss_weight)
