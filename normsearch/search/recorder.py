@@ -149,6 +149,7 @@ class TrialRecorder:
         self._heartbeat: Optional[_Heartbeat] = None
         self._ids: dict[int, int] = {}  # trial number -> storage trial id
         self._curves: dict[int, list[float]] = {}  # validation accuracy per epoch, per trial
+        self._last_epoch: dict[int, int] = {}  # last epoch recorded, per trial
         self._costs: dict[int, dict[str, Any]] = {}  # latest step time and parameter count, per trial
         self._finished: set[int] = set()
 
@@ -261,9 +262,10 @@ class TrialRecorder:
         Returns:
             False (and records nothing) for an epoch already recorded, else True.
         """
-        curve = self._curves.setdefault(number, [])
-        if report.epoch <= len(curve):
+        if report.epoch <= self._last_epoch.get(number, 0):
             return False
+        self._last_epoch[number] = int(report.epoch)
+        curve = self._curves.setdefault(number, [])
         curve.append(float(report.val_acc))
         if len(self.cfg.search.objectives) == 1:
             self.storage.set_trial_intermediate_value(self._id_of(number), int(report.epoch), float(report.val_acc))
