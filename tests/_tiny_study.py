@@ -11,8 +11,7 @@ from typing import IO
 
 import pytest
 
-FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")
+needs_fashion = pytest.mark.needs_fashion_mnist
 
 #: LeNet's two normalization slots, as they appear in trial params.
 SLOTS = ("conv1.norm", "conv2.norm")

@@ -15,8 +15,7 @@ from normsearch.study import (
 )
 from normsearch.surgery import count_parameters, slot_kinds
 
-FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")]
+pytestmark = [pytest.mark.slow, pytest.mark.needs_fashion_mnist]
 
 SLOTS = ("conv1.norm", "conv2.norm")
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from sqlalchemy.exc import OperationalError
 
 from normsearch.cli import main
 from normsearch.study import ATTR_FAIL_REASON, ATTR_RETRY_OF, ATTR_WORKER
 
-FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")]
+pytestmark = [pytest.mark.slow, pytest.mark.needs_fashion_mnist]
 
 
 def write(tmp_path: Path, train: str, space: str, search: str) -> Path:
@@ -65,14 +65,16 @@ def test_ctrl_c_leaves_a_resumable_study(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "normsearch.cli", "run", str(cfg), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     db = tmp_path / "run" / "study.db"
-    deadline = time.monotonic() + 300
+    deadline, waiting_on = time.monotonic() + 300, None
     while time.monotonic() < deadline:  # interrupt once a running trial has reported an epoch
         time.sleep(0.2)
         try:
             if db.exists() and any(t.intermediate_values and t.state == TrialState.RUNNING for t in study_of(tmp_path).trials):
                 break
-        except Exception:
-            continue
+        except (KeyError, OperationalError) as err:  # study not created yet / database busy; anything else is real
+            waiting_on = err
+    else:
+        raise AssertionError("no running trial reported an epoch in 300 s") from waiting_on
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -29,7 +29,6 @@ from normsearch.trial import save_weights
 SLOTS = ("conv1.norm", "conv2.norm")  # lenet, model order
 KINDS = ("batchnorm", "switchnorm", "modenorm", "groupnorm", "none")
 KWARGS = {"modenorm": {"num_components": 2}, "groupnorm": {"num_groups": 2}}
-FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
 def make_spec(kinds, sl_weight=0.0):
@@ -259,10 +258,8 @@ def test_cli_report(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory):
+def real_run(tmp_path_factory, fashion_mnist_root):
     """4 trials of LeNet on 512 Fashion-MNIST images: conv1 ModeNorm (K = 2 or 3), conv2 SwitchNorm."""
-    if not FASHION.exists():
-        pytest.skip("needs Debian's dataset-fashion-mnist")
     root = tmp_path_factory.mktemp("report_run")
     cfg = root / "report.yaml"
     cfg.write_text(f"""\

@@ -20,8 +20,7 @@ from normsearch.study import ATTR_BACKEND, ATTR_EPOCH, ATTR_NUM_PARAMETERS, ATTR
 from normsearch.surgery import slot_kinds
 
 SLOTS = {"bn1": 16, "layer1.0.bn1": 16, "layer1.0.bn2": 16, "layer2.0.bn1": 32}
-FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_data = pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")
+needs_data = pytest.mark.needs_fashion_mnist
 
 
 def enas_space(space_yaml: dict, with_cfg: bool = True) -> EnasSpace:
