@@ -55,15 +55,19 @@ struct Scratch {
 };
 
 // tot[0:KC] = sum_p nu[k, p] a[p, c]; tot[KC:2KC] = sum_p nu[k, p] a[p, c] * (b ? b : a)[p, c].
+// With centres cen (K, C), the operand that holds the pixels is centred on component k's centre
+// before the products (b when given, else a): sum_p nu (a - c_k), sum_p nu (a - c_k)^2, or
+// sum_p nu a, sum_p nu a (b - c_k). Float sums of values far from 0 would otherwise cancel in
+// E[x^2] - E[x]^2 (issue 16).
 // CT > 0: the channel count as a compile-time constant (fully unrolled channel loops); 0: s.c.
 template <typename T, int CT>
-void sums_kernel(const T* a, const T* b, const T* nu, const Shape& s, double* tot) {
+void sums_kernel(const T* a, const T* b, const T* nu, const T* cen, const Shape& s, double* tot) {
   const int64_t C = CT > 0 ? CT : s.c;
   const int64_t kc = s.k * C;
   const int64_t chunks = (s.p + CHUNK - 1) / CHUNK;
   std::vector<double> partial(chunks * 2 * kc, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> prod(BLOCK * C);
+    std::vector<T> prod(cen == nullptr ? BLOCK * C : 0);
     Scratch<T, 2 * CT> acc(2 * C);
     T* __restrict a1 = acc.data();
     T* __restrict a2 = a1 + C;
@@ -75,19 +79,38 @@ void sums_kernel(const T* a, const T* b, const T* nu, const Shape& s, double* to
         T* __restrict ab = prod.data();  // a * (b or a) for the block's rows, once for all K components
         const T* __restrict ar0 = a + r0 * C;
         const T* __restrict br0 = (b != nullptr ? b : a) + r0 * C;
-        #pragma omp simd
-        for (int64_t i = 0; i < rows * C; ++i) ab[i] = ar0[i] * br0[i];
+        if (cen == nullptr) {
+          #pragma omp simd
+          for (int64_t i = 0; i < rows * C; ++i) ab[i] = ar0[i] * br0[i];
+        }
         for (int64_t k = 0; k < s.k; ++k) {
           const T* __restrict wk = nu + k * s.p + r0;
           for (int64_t c = 0; c < 2 * C; ++c) a1[c] = T(0);
-          for (int64_t r = 0; r < rows; ++r) {
-            const T w = wk[r];
-            const T* __restrict ar = a + (r0 + r) * C;
-            const T* __restrict abr = ab + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              a1[c] += w * ar[c];
-              a2[c] += w * abr[c];
+          if (cen == nullptr) {
+            for (int64_t r = 0; r < rows; ++r) {
+              const T w = wk[r];
+              const T* __restrict ar = ar0 + r * C;
+              const T* __restrict abr = ab + r * C;
+              #pragma omp simd
+              for (int64_t c = 0; c < C; ++c) {
+                a1[c] += w * ar[c];
+                a2[c] += w * abr[c];
+              }
+            }
+          } else {  // centred on c_k: d = pixel operand (b, else a) - c_k; f = a, or d itself
+            const T* __restrict ck = cen + k * C;
+            const bool square = b == nullptr;
+            for (int64_t r = 0; r < rows; ++r) {
+              const T w = wk[r];
+              const T* __restrict ar = ar0 + r * C;
+              const T* __restrict xr = br0 + r * C;
+              #pragma omp simd
+              for (int64_t c = 0; c < C; ++c) {
+                const T d = xr[c] - ck[c];
+                const T wf = w * (square ? d : ar[c]);
+                a1[c] += wf;
+                a2[c] += wf * d;
+              }
             }
           }
           double* o1 = out + k * C;
@@ -160,15 +183,20 @@ void by_width(int64_t c, F&& kernel) {
 }  // namespace
 
 // (sum_p nu a, sum_p nu a * b), each (K, C); b defaults to a (then the second is sum_p nu a^2).
-std::vector<at::Tensor> mixture_sums(const at::Tensor& a, const at::Tensor& nu, const c10::optional<at::Tensor>& b) {
+// With (K, C) centres, the pixel operand is centred per component first (see sums_kernel).
+std::vector<at::Tensor> mixture_sums(const at::Tensor& a, const at::Tensor& nu, const c10::optional<at::Tensor>& b,
+                                     const c10::optional<at::Tensor>& centre) {
   const Shape s = check_rows(a, nu);
   if (b.has_value()) check_same(*b, a, "b");
+  if (centre.has_value()) check_kc(*centre, s, a, "centre");
   std::vector<double> tot(2 * s.k * s.c, 0.0);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "mixture_sums", [&] {
     by_width<scalar_t>(s.c, [&](auto width) {
       sums_kernel<scalar_t, decltype(width)::value>(a.data_ptr<scalar_t>(),
                                                      b.has_value() ? b->data_ptr<scalar_t>() : nullptr,
-                                                     nu.data_ptr<scalar_t>(), s, tot.data());
+                                                     nu.data_ptr<scalar_t>(),
+                                                     centre.has_value() ? centre->data_ptr<scalar_t>() : nullptr,
+                                                     s, tot.data());
     });
   });
   auto both = torch::tensor(tot, torch::kFloat64).view({2, s.k, s.c}).to(a.scalar_type());

@@ -30,7 +30,9 @@ __all__ = [
     "fit_gmm",
     "kmeans_pp_init",
     "m_step",
+    "pair_weights",
     "prune_components",
+    "recentre",
 ]
 
 DEFAULT_REG_COVAR = 1e-6
@@ -157,18 +159,65 @@ def _logsumexp0(x: Tensor) -> Tensor:
     return _exp_shifted(x - top).sum(0, keepdim=True).log_().add_(top)
 
 
-def _nearest_one_hot(dist: Tensor) -> Tensor:
-    """(K, M) distances -> (K, M) one-hot of each column's minimum (first on ties), in ``dist``'s dtype.
+def _nearest_one_hot(dist: Tensor, dim: int = 0) -> Tensor:
+    """Distances with K entries along ``dim`` -> one-hot of the minimum along ``dim`` (first on ties),
+    in ``dist``'s dtype.
 
-    Compares with the column minimum and unrolls the K rows: ``argmin`` over a leading dimension of
+    Compares with the minimum and unrolls the K slices: ``argmin`` over a leading dimension of
     size K is ~30x slower on CPU.
     """
-    hits = dist == dist.amin(0, keepdim=True)
-    taken = hits[0].clone()
-    for k in range(1, hits.shape[0]):
-        hits[k] &= ~taken
-        taken |= hits[k]
+    hits = dist == dist.amin(dim, keepdim=True)
+    taken = hits.select(dim, 0).clone()
+    for k in range(1, hits.shape[dim]):
+        row = hits.select(dim, k)  # a view: the in-place updates write into hits
+        row &= ~taken
+        taken |= row
     return hits.to(dist.dtype)
+
+
+def pair_weights(resp: Tensor, assign: Tensor, dim: int) -> Tensor:
+    """``resp_k * assign_j`` for every pair (k, j) of components: K along ``dim`` -> K*K there (k-major).
+
+    Args:
+        resp: responsibilities/posteriors with the K components along ``dim``.
+        assign: one-hot hard assignment of the same shape (:func:`_nearest_one_hot`).
+    """
+    return (resp.unsqueeze(dim + 1) * assign.unsqueeze(dim)).flatten(dim, dim + 1)
+
+
+def recentre(weight: Tensor, first: Tensor, centres: Tensor, second: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Per-component sums around each component's own centre from sums around the assigned centres.
+
+    Float32 sums of ``x`` and ``x ** 2`` far from 0 cancel in ``E[x^2] - E[x]^2`` (issue 16); the
+    callers therefore sum ``z_i = x_i - c_{a_i}``, each point shifted by the centre of the component
+    ``a_i`` it is assigned to, grouped by (k, j) = (weighting component, assigned component), and
+    this turns them into sums around ``c_k`` exactly (in exact arithmetic), using
+    ``x_i - c_k = z_i + (c_j - c_k)`` for ``a_i = j``::
+
+        out1_k = sum_j first_kj + weight_kj (c_j - c_k)            = sum_i r_ki w_i (x_i - c_k)
+        out2_k = sum_j second_kj + (c_j - c_k) (2 first_kj + weight_kj (c_j - c_k))
+                                                                    = sum_i r_ki (x_i - c_k)^2
+
+    with ``weight_kj = sum_{i: a_i=j} r_ki w_i``, ``first_kj = sum_{i: a_i=j} r_ki w_i z_i`` and
+    ``second_kj = sum_{i: a_i=j} r_ki z_i^2`` (``w_i`` = 1 for moments, a gradient for the backward).
+    The j = k terms hold points near ``c_k``; the others are far from it and carry no cancellation.
+
+    Args:
+        weight: (K, K) or (K, K, C) sums of the weights.
+        first: (K, K, C) weighted sums of ``z``.
+        centres: (K, C) ``c``.
+        second: optional (K, K, C) weighted sums of ``z ** 2``.
+
+    Returns:
+        ``(out1, out2)``, (K, C) each (``out2`` None without ``second``).
+    """
+    if weight.dim() == 2:
+        weight = weight.unsqueeze(2)
+    delta = centres.unsqueeze(0) - centres.unsqueeze(1)  # [k, j] = c_j - c_k
+    out1 = (first + weight * delta).sum(1)
+    if second is None:
+        return out1, None
+    return out1, (second + delta * (2 * first + weight * delta)).sum(1)
 
 
 # Internally responsibilities and log-densities are component-major, (K, M): reductions over the K
@@ -192,14 +241,27 @@ def _e_step_from_moments(moments: Tensor, weights: Tensor, means: Tensor, varian
     return weighted - log_norm, log_norm.mean()
 
 
-def _m_step_from_moments(moments: Tensor, resp: Tensor, reg_covar: float) -> GaussianMixtureParams:
-    """M-step from (M, 2C) moments and (K, M) responsibilities."""
-    c = moments.shape[1] // 2
+def _centred_moments(x: Tensor, centres: Tensor, assign: Tensor) -> Tensor:
+    """(M, C) points -> (M, 2C) ``[z, z**2]`` with ``z = x - centres[a_i]`` (``assign``: (K, M) one-hot)."""
+    z = x - assign.T @ centres  # one-hot rows: exactly c_{a_i}
+    return torch.cat([z, z.square()], 1)
+
+
+def _m_step_centred(zmoments: Tensor, resp: Tensor, assign: Tensor, centres: Tensor,
+                    reg_covar: float) -> GaussianMixtureParams:
+    """M-step from (K, M) responsibilities and the (M, 2C) :func:`_centred_moments` of the points.
+
+    The variance is ``E[(x - c_k)^2] - (E[x] - c_k)^2`` around the centre ``c_k`` (:func:`recentre`),
+    exact in float32 when ``c_k`` is near the component mean (the seed, or a first-pass mean).
+    """
+    k, c = resp.shape[0], zmoments.shape[1] // 2
+    pairs = pair_weights(resp, assign, 0)  # (K*K, M)
+    sums = (pairs @ zmoments).view(k, k, 2 * c)
+    first, second = recentre(pairs.sum(1).view(k, k), sums[..., :c], centres, sums[..., c:])
     nk = resp.sum(1) + 10 * torch.finfo(resp.dtype).eps
-    sums = (resp @ moments) / nk.unsqueeze(1)  # (K, 2C): weighted E[x], E[x^2]
-    means = sums[:, :c]
-    variances = (sums[:, c:] - means.square()).clamp_min(0) + reg_covar
-    return GaussianMixtureParams(nk / nk.sum(), means, variances)
+    offset = first / nk.unsqueeze(1)  # E[x] - c_k
+    variances = (second / nk.unsqueeze(1) - offset.square()).clamp_min(0) + reg_covar
+    return GaussianMixtureParams(nk / nk.sum(), centres + offset, variances)
 
 
 def estimate_log_prob(x: Tensor, means: Tensor, variances: Tensor) -> Tensor:
@@ -244,9 +306,12 @@ def m_step(x: Tensor, resp: Tensor, reg_covar: float = DEFAULT_REG_COVAR) -> Gau
     """M-step for diagonal covariances, scikit-learn's formulas.
 
     ``nk = sum_i resp_ik + 10 eps``, ``mu_k = resp^T x / nk``,
-    ``sigma_k^2 = max(resp^T x^2 / nk - mu_k^2, 0) + reg_covar``, ``lambda_k = nk / sum(nk)``.
-    The clamp at 0 only guards against float rounding (scikit-learn has none). A component with no
-    mass gets mean 0, variance ``reg_covar`` and weight ~0.
+    ``sigma_k^2 = max(resp^T (x - mu_k)^2 / nk, 0) + reg_covar``, ``lambda_k = nk / sum(nk)``.
+    Two passes: the means, then the variances from points centred on the mean of the component
+    they are most responsible to (:func:`recentre`), so float32 stays exact for points far from 0
+    (scikit-learn's one-pass ``resp^T x^2 / nk - mu_k^2`` equals it in exact arithmetic). The
+    clamp at 0 only guards against float rounding. A component with no mass gets mean 0,
+    variance ``reg_covar`` and weight ~0.
 
     Args:
         x: (M, C) points.
@@ -256,7 +321,10 @@ def m_step(x: Tensor, resp: Tensor, reg_covar: float = DEFAULT_REG_COVAR) -> Gau
     Returns:
         the updated :class:`GaussianMixtureParams`.
     """
-    return _m_step_from_moments(_moments(x), resp.T, reg_covar)
+    resp = resp.T
+    centres = (resp @ x) / (resp.sum(1, keepdim=True) + 10 * torch.finfo(resp.dtype).eps)
+    assign = _nearest_one_hot(resp.neg())
+    return _m_step_centred(_centred_moments(x, centres, assign), resp, assign, centres, reg_covar)
 
 
 def prune_components(params: GaussianMixtureParams, min_weight: float) -> GaussianMixtureParams:
@@ -292,7 +360,10 @@ def fit_gmm(
     """Fit a K-component diagonal GMM: K-means++ seeding, hard assignment, ``iters`` EM steps, pruning.
 
     The seeds initialise the mixture through one M-step on the hard assignment of every point to
-    its nearest seed (one K-means assignment); each EM iteration is an E-step then an M-step.
+    its nearest seed (one K-means assignment); each EM iteration is an E-step then an M-step. The
+    M-steps sum the points centred on their seed (:func:`recentre`), so the variances of modes far
+    from 0 keep their float32 digits (the E-step's log-densities are still taken around 0: centre
+    ``x`` on its mean first).
     Components that receive no point (duplicate seeds when ``x`` has fewer than K distinct rows)
     get weight ~0 and are pruned when ``min_weight > 0``.
 
@@ -318,9 +389,11 @@ def fit_gmm(
     centers, _ = _kmeans_pp_init(x, moments[:, x.shape[1]:].sum(1), k, generator)
     # nearest seed: argmin_k |c_k|^2 - 2 c_k.x (|x|^2 is the same for every k), component-major
     one_hot = _nearest_one_hot(torch.addmm(centers.square().sum(1, keepdim=True), centers, x.T, alpha=-2.0))
-    params = _m_step_from_moments(moments, one_hot, reg_covar)
+    # M-steps centre each point on its seed (exact float32 variances for modes far from 0).
+    zmoments = _centred_moments(x, centers, one_hot)
+    params = _m_step_centred(zmoments, one_hot, one_hot, centers, reg_covar)
     for _ in range(iters):  # E-step straight to responsibilities (the log-likelihood is not needed)
         weighted = _log_prob_from_moments(moments, params.means, params.variances)
-        params = _m_step_from_moments(moments, softmax(weighted.add_(params.weights.log().unsqueeze(1)), 0),
-                                      reg_covar)
+        resp = softmax(weighted.add_(params.weights.log().unsqueeze(1)), 0)
+        params = _m_step_centred(zmoments, resp, one_hot, centers, reg_covar)
     return prune_components(params, min_weight)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _cpu_ext
-from ._gmm import softmax
+from ._gmm import _nearest_one_hot, pair_weights, recentre, softmax
 
 # Pixels are held either channels-first, (N, C, L) (NCHW input), or channels-last, (N, L, C)
 # (channels_last input); ``cl`` says which. Posteriors then have shape (N, K, L) or (N, L, K). In the
@@ -109,44 +109,85 @@ def _posteriors(x: Tensor, x_sq: Tensor, log_weights: Tensor, means: Tensor, var
     return softmax(log_prob, dim=1)
 
 
+def _assignment(nu: Tensor, cl: bool) -> Tensor:
+    """One-hot hard assignment of every pixel to its most probable component (first on ties), in the
+    layout and storage order of the posteriors ``nu``."""
+    if cl:
+        return _from_k_major(_nearest_one_hot(_k_major(nu).neg()), nu.shape[0])
+    return _nearest_one_hot(nu.neg(), 1)
+
+
+def _pair_posteriors(nu: Tensor, assign: Tensor, cl: bool) -> Tensor:
+    """``nu_k * assign_j`` per pixel for the K*K pairs (k, j): posteriors-like, with K*K "components"."""
+    if cl:
+        return _from_k_major(pair_weights(_k_major(nu), _k_major(assign), 0), nu.shape[0])
+    return pair_weights(nu, assign, 1)
+
+
+def _centred_on_assigned(x: Tensor, assign: Tensor, centre: Tensor, cl: bool) -> Tensor:
+    """``x_i - c_{a_i}``, every pixel shifted by the centre of its assigned component (a new tensor)."""
+    return _spread(-centre, assign, cl).add_(x)  # one-hot: the spread is exactly -c_{a_i}
+
+
+def _centred_moments(x: Tensor, nu: Tensor, centre: Tensor, cl: bool) -> tuple[Tensor, Tensor]:
+    """``(sum_i nu_k (x_i - c_k), sum_i nu_k (x_i - c_k)^2)``, (K, C) each, in plain ops.
+
+    No full-size ``x - c_k`` per component: pixels are shifted by their assigned component's centre
+    once, summed per (k, j) pair and moved to ``c_k`` by :func:`~normsearch.norms._gmm.recentre`.
+    """
+    k = centre.shape[0]
+    assign = _assignment(nu, cl)
+    pairs = _pair_posteriors(nu, assign, cl)
+    z = _centred_on_assigned(x, assign, centre, cl)
+    weight = _k_major(pairs).sum(1) if cl else pairs.sum((0, 2))
+    first = _moment(z, pairs, cl).view(k, k, -1)
+    second = _moment(z.square_(), pairs, cl).view(k, k, -1)
+    return recentre(weight.view(k, k), first, centre, second)
+
+
 class _MixtureNormalize(torch.autograd.Function):
     """Eq. 34-37 with constant posteriors and a hand-written backward (fewer passes than autograd).
 
-    Forward: ``E1 = nu^T x / mass``, ``var = max(nu^T x^2 / mass - E1^2, 0)``,
+    Forward, with ``c`` (K, C) centres near the component means (the fitted GMM's): ``d = nu^T (x - c)
+    / mass``, ``E1 = c + d``, ``var = max(nu^T (x - c)^2 / mass - d^2, 0)``,
     ``s = gamma / (sqrt(lambda) sqrt(var + eps))``, ``y = x * (nu @ s) - nu @ (s E1 - beta)``.
-    Backward with G = nu^T g, H = nu^T (x g) (per component and channel):
-    ``dE1 = (-s G - 2 E1 dvar) / mass``, ``dvar = -0.5 s (H - E1 G) / (var + eps)``,
+    The sums are centred per component so that float32 keeps its digits when the modes lie far
+    from 0 compared with their spread (issue 16; ``c`` only conditions the float math, the values
+    do not depend on it). Backward with G = nu^T g, H = nu^T ((x - c) g) (per component and
+    channel): ``dvar = -0.5 s (H - d G) / (var + eps)``, ``dE1 = (-s G - 2 E1 dvar) / mass``,
     ``dx = g (nu @ s) + nu @ dE1 + 2 x (nu @ (dvar / mass))``,
-    ``dgamma = sum_k (s/gamma) (H - E1 G)``, ``dbeta = sum_k G``. Checked against autograd in the tests.
+    ``dgamma = sum_k (s/gamma) (H - d G)``, ``dbeta = sum_k G``. Checked against autograd in the tests.
     On channels-last float CPU input the moments and both full-size transforms run in the compiled
     loops of ``_cpu_mixture_kernels.cpp`` (one pass each, nothing full-size saved but ``x``). Otherwise
-    the full-size ``nu @ s`` of the forward is kept for the backward, and the backward builds ``dx``
-    in place in the buffer of ``x * g`` (accumulating matrix products), allocating one full-size
-    tensor.
+    (:func:`_centred_moments`) the sums run over the K*K (component, assigned component) pairs, the
+    full-size ``nu @ s`` of the forward is kept for the backward, and the backward builds ``dx``
+    in place in the buffer of ``(x - c_a) * g`` (accumulating matrix products).
     """
 
     @staticmethod
-    def forward(ctx, x, x_sq, nu, mass, weight, bias, eps, cl):
+    def forward(ctx, x, nu, mass, centre, weight, bias, eps, cl):
         k_dim = 2 if cl else 1
+        centre = centre.contiguous()
         fused = _fused(x, nu, cl)
-        if fused is not None:  # one pass for both moments, no x**2 read
-            sum_x, sum_sq = fused.mixture_sums(_rows(x), _k_major(nu))
+        if fused is not None:  # one pass for both moments
+            sum_x, sum_sq = fused.mixture_sums(_rows(x), _k_major(nu), None, centre)
         else:
-            sum_x, sum_sq = _moment(x, nu, cl), _moment(x_sq, nu, cl)
-        mean = sum_x / mass.unsqueeze(1)  # (K, C)
-        pre_var = sum_sq / mass.unsqueeze(1) - mean.square()
+            sum_x, sum_sq = _centred_moments(x, nu, centre, cl)
+        offset = sum_x / mass.unsqueeze(1)  # (K, C) E1 - c
+        mean = centre + offset
+        pre_var = sum_sq / mass.unsqueeze(1) - offset.square()
         var = pre_var.clamp_min(0)
         points = nu.numel() // nu.shape[k_dim]
         scale = torch.rsqrt(var + eps) * torch.rsqrt(mass / points).unsqueeze(1)  # 1/(sqrt(lam) sigma)
         s = scale if weight is None else scale * weight
-        offset = s * mean if bias is None else s * mean - bias
+        shift = s * mean if bias is None else s * mean - bias
         if fused is not None:  # the backward recomputes nu @ s per pixel instead of keeping it
             spread_s = None
-            y = fused.mixture_combine(_rows(x), _k_major(nu), s, -offset).view(x.shape)
+            y = fused.mixture_combine(_rows(x), _k_major(nu), s, -shift).view(x.shape)
         else:
             spread_s = _spread(s, nu, cl)
-            y = _spread(-offset, nu, cl).addcmul_(x, spread_s)
-        ctx.save_for_backward(x, nu, mass, weight, mean, scale, var, pre_var >= 0, spread_s)
+            y = _spread(-shift, nu, cl).addcmul_(x, spread_s)
+        ctx.save_for_backward(x, nu, mass, centre, weight, offset, scale, var, pre_var >= 0, spread_s)
         ctx.eps, ctx.cl, ctx.fused = eps, cl, fused is not None
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
@@ -154,28 +195,31 @@ class _MixtureNormalize(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        x, nu, mass, weight, mean, scale, var, unclamped, spread_s = ctx.saved_tensors
+        x, nu, mass, centre, weight, offset, scale, var, unclamped, spread_s = ctx.saved_tensors
         cl = ctx.cl
         fused = _fused(x, nu, cl) if ctx.fused else None
         if fused is not None:
             g_rows = _rows(grad_y.contiguous())
-            g_sum, gx_sum = fused.mixture_sums(g_rows, _k_major(nu), _rows(x))  # G, H (K, C)
+            g_sum, gx_sum = fused.mixture_sums(g_rows, _k_major(nu), _rows(x), centre)  # G, H (K, C)
         else:
-            g_sum = _moment(grad_y, nu, cl)  # G (K, C)
-            xg = x * grad_y
-            gx_sum = _moment(xg, nu, cl)  # H (K, C)
-        centred = gx_sum - mean * g_sum  # sum_i nu g (x - E1)
+            k = centre.shape[0]
+            assign = _assignment(nu, cl)
+            pairs = _pair_posteriors(nu, assign, cl)
+            xg = _centred_on_assigned(x, assign, centre, cl).mul_(grad_y)  # (x - c_a) g
+            g_pairs = _moment(grad_y, pairs, cl).view(k, k, -1)
+            gx_sum, _ = recentre(g_pairs, _moment(xg, pairs, cl).view(k, k, -1), centre)  # H
+            g_sum = g_pairs.sum(1)  # G
+        centred = gx_sum - offset * g_sum  # sum_i nu g (x - E1)
         grad_weight = (scale * centred).sum(0) if weight is not None and ctx.needs_input_grad[4] else None
         grad_bias = g_sum.sum(0) if ctx.needs_input_grad[5] else None
         s = scale if weight is None else scale * weight
         d_var = torch.where(unclamped, -0.5 * s * centred / (var + ctx.eps), torch.zeros_like(var))
-        d_e1 = (-s * g_sum - 2.0 * mean * d_var) / mass.unsqueeze(1)
+        d_e1 = (-s * g_sum - 2.0 * (centre + offset) * d_var) / mass.unsqueeze(1)
         q = 2.0 * d_var / mass.unsqueeze(1)
         if fused is not None:  # dx = g * (nu @ s) + nu @ dE1 + x * (nu @ q), one pass
             grad_x = fused.mixture_combine(g_rows, _k_major(nu), s, d_e1, _rows(x), q).view(x.shape)
             return grad_x, None, None, None, grad_weight, grad_bias, None, None
-        # dx = x * (nu @ q) + g * (nu @ s) + nu @ dE1, built in the buffer of x * g (one allocation).
-        buf = xg if xg.is_contiguous() and xg.dtype == x.dtype else None
-        grad_x = _spread(q, nu, cl, out=buf).mul_(x).addcmul_(grad_y, spread_s)
+        # dx = x * (nu @ q) + g * (nu @ s) + nu @ dE1, built in the buffer of (x - c_a) g.
+        grad_x = _spread(q, nu, cl, out=xg).mul_(x).addcmul_(grad_y, spread_s)
         grad_x = _spread(d_e1, nu, cl, out=grad_x, accumulate=True)
         return grad_x, None, None, None, grad_weight, grad_bias, None, None

@@ -11,7 +11,8 @@ Readings of the garbled or underspecified text (also in the class docstring):
   the k-th column of nu" (Sec. 3.2, "Differentiability"), i.e. the mean posterior over all N*H*W
   points of the batch, not the weight returned by EM on the subsample. With K = 1 it is 1.
 * Eq. 35-36 statistics: mean and *biased* variance weighted by nu_hat_k = nu_k / sum_j nu_k(x_j)
-  over all N*H*W points (``mu = nu_hat^T x``, ``sigma^2 = nu_hat^T x^2 - mu^2``); eps is added to
+  over all N*H*W points (``mu = nu_hat^T x``, ``sigma^2 = nu_hat^T (x - mu)^2``, summed around the
+  fitted GMM means so that float32 keeps its digits for far-apart modes); eps is added to
   the variance, so K = 1 is exactly ``nn.BatchNorm2d`` in training.
 * Eq. 37 puts beta/gamma inside the statistics; we apply one per-channel affine after the sum,
   as BatchNorm does ("one shared per-channel affine").
@@ -268,13 +269,13 @@ class MixtureNorm2d(nn.Module):
         # _MixtureNormalize), the posteriors do not.
         x = xs - (shift if cl else shift.unsqueeze(1))
         with torch.no_grad():
-            x_sq = x.square()
-            nu, gmm = self.fit_posteriors(x, x_sq, cl, points - shift)
+            nu, gmm = self.fit_posteriors(x, x.square(), cl, points - shift)
             mass = _k_major(nu).sum(1) if cl else nu.sum((0, 2))
             mass = mass.clamp_min(torch.finfo(x.dtype).tiny)  # (K,)
         weight = self.weight.to(x.dtype) if self.affine else None
         bias = self.bias.to(x.dtype) if self.affine else None
-        y, means, var = _MixtureNormalize.apply(x, x_sq, nu, mass, weight, bias, self.eps, cl)
+        # The fitted means centre each component's sums (float32 variances of far-apart modes).
+        y, means, var = _MixtureNormalize.apply(x, nu, mass, gmm.means, weight, bias, self.eps, cl)
         with torch.no_grad():
             lam = mass / (nu.numel() // self.num_components)
             self._push(gmm._replace(means=gmm.means + shift), lam, means + shift, var)
