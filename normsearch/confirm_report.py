@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from ._document import Block, pct
+from ._document import Block
 
 FIGURES = ("confirmation.png", "proxy_fidelity.png")
 STUDY_ATTR = "confirmation"  # the study user attr holding confirm.summarize()'s result
@@ -24,26 +24,28 @@ STUDY_ATTR = "confirmation"  # the study user attr holding confirm.summarize()'s
 
 def _ci_text(mean: Optional[float], ci: Optional[Sequence[Optional[float]]], scale: float = 100.0,
              signed: bool = False) -> str:
+    """``"53.61 +- 1.24"``: the mean and the half-width of its (symmetric, t) interval, times ``scale``."""
     if mean is None:
         return "-"
-    fmt = "{:+.2f}" if signed else "{:.2f}"
-    text = fmt.format(scale * mean)
+    text = ("{:+.2f}" if signed else "{:.2f}").format(scale * mean)
     if ci and ci[0] is not None and ci[1] is not None:
-        text += f" [{fmt.format(scale * ci[0])}, {fmt.format(scale * ci[1])}]"
+        text += f" +- {scale * (ci[1] - ci[0]) / 2:.2f}"
     return text
 
 
 def confirmation_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows of the confirmation table (percent; differences in points)."""
+    """Headers and rows of the confirmation table: search score and mean validation accuracy (%),
+    mean test accuracy +- the half-width of its 95 % t-interval over seeds (%), and the paired
+    differences to each reference +- the half-width of their 95 % t-intervals (points)."""
     refs = [r["reference"] for r in result["confirmation"] if r.get("reference")]
-    headers = ["configuration", "seeds", "search score", "val acc % (95 % CI)", "test acc % (95 % CI)",
-               *[f"vs {name}, points (95 % CI)" for name in refs]]
+    headers = ["configuration", "seeds", "search %", "val %", "test % (95 % CI)",
+               *[f"vs {name} (points)" for name in refs]]
     rows = []
     for r in result["confirmation"]:
         diffs = r.get("diff_vs_reference", {})
         rows.append([
-            r["label"] + (" (reference)" if r.get("reference") else ""), str(len(r["seeds"])),
-            pct(r.get("search_score")), _ci_text(r.get("val_acc_mean"), r.get("val_acc_ci95")),
+            r["label"] + (" (ref.)" if r.get("reference") else ""), str(len(r["seeds"])),
+            _ci_text(r.get("search_score"), None), _ci_text(r.get("val_acc_mean"), None),
             _ci_text(r.get("test_acc_mean"), r.get("test_acc_ci95")),
             *[_ci_text(diffs[n]["mean"], diffs[n]["ci95"], 1.0, True) if n in diffs else "-" for n in refs],
         ])
@@ -58,8 +60,8 @@ def plot_confirmation(result: Mapping[str, Any], path: Path) -> Path:
     refs = [r["reference"] for r in rows if r.get("reference")]
     use_test = all(r.get("test_acc_mean") is not None for r in rows)
     key = "test_acc" if use_test else "val_acc"
-    fig, axes = _figure(10, 1.2 + 0.45 * len(rows), cols=2 if refs else 1)
-    axes = list(axes) if refs else [axes]
+    fig, grid = _figure(10, 1.2 + 0.45 * len(rows), cols=2 if refs else 1)
+    axes = list(grid[0])
     labels = [r["label"] + (" (ref.)" if r.get("reference") else "") for r in rows]
     ax = axes[0]
     for i, r in enumerate(rows):
@@ -101,7 +103,8 @@ def plot_proxy_fidelity(result: Mapping[str, Any], path: Path) -> Optional[Path]
     pts = [r for r in result["confirmation"] if r.get("search_score") is not None and r.get(metric) is not None]
     if len(pts) < 2:
         return None
-    fig, ax = _figure(6, 4.5)
+    fig, grid = _figure(6, 4.5)
+    ax = grid[0][0]
     for r in pts:
         ci = r.get(metric.replace("_mean", "_ci95"))
         y = 100 * r[metric]

@@ -2,7 +2,8 @@
 
 ``best_model.py`` constructs the network and then writes every normalization slot out
 explicitly (``model.layer1[0].bn1 = ModeNorm2d(16, num_components=2)``), importing only torch and
-normsearch, so a user can read, edit and train it without normsearch's search machinery.
+normsearch (and the module of a normalizer registered outside normsearch), so a user can read,
+edit and train it without normsearch's search machinery.
 """
 
 from __future__ import annotations
@@ -28,9 +29,21 @@ def attribute_path(label: str) -> str:
 
 
 def _class_ref(kind: str) -> tuple[str, str]:
-    """(name used in the code, import line) for the class registered as ``kind``."""
+    """(callable used in the code, import lines) for the factory registered as ``kind``.
+
+    A top-level class or function is imported from its module (``normsearch.norms`` for the
+    built-in ones, wherever it lives for any other, e.g. a user's own normalizer); anything else
+    (a lambda, a ``functools.partial``, a class defined in a function or in ``__main__``) is
+    built through the registry, ``partial(create_norm_layer, kind)``, after importing the module
+    that registers it where there is one.
+    """
     factory = get_norm_entry(kind).factory
-    module, name = factory.__module__, factory.__qualname__
+    module, name = getattr(factory, "__module__", None) or "", getattr(factory, "__qualname__", "")
+    if not name.isidentifier() or module in ("", "__main__"):
+        imp = "from functools import partial\nfrom normsearch.norms import create_norm_layer"
+        if module not in ("", "__main__") and not module.startswith("normsearch."):
+            imp += f"\nimport {module}  # registers {kind!r}"
+        return f"partial(create_norm_layer, {kind!r})", imp
     if module.startswith("torch.nn"):
         return f"nn.{name}", "from torch import nn"
     if module.startswith("normsearch.norms"):
@@ -56,7 +69,7 @@ def render_model_source(
     lines = []
     for label, choice in spec.layers.items():
         ref, imp = _class_ref(choice.kind)
-        imports.add(imp)
+        imports.update(imp.splitlines())
         args = [str(slots[label])] + [f"{k}={v!r}" for k, v in choice.params]
         lines.append(f"    {attribute_path(label)} = {ref}({', '.join(args)})")
     kwargs = "".join(f", {k}={v!r}" for k, v in (model_kwargs or {}).items())
@@ -110,12 +123,41 @@ def safe_header(text: str) -> str:
     return re.sub(r'"""', "'''", text)
 
 
+def best_confirmed(result: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The confirmation row of the best confirmed searched configuration (``None`` if none)."""
+    if not result or not result.get("best"):
+        return None
+    return next((r for r in result.get("confirmation", []) if r["label"] == result["best"] and r["seeds"]), None)
+
+
+def confirmed_text(row: dict[str, Any], verdict: Optional[str]) -> str:
+    """Docstring lines giving a confirmed configuration's interval and differences to the references."""
+    def ci(mean: Optional[float], low_high: Optional[list], scale: float, signed: bool = False) -> str:
+        if mean is None:
+            return "n/a"
+        f = "{:+.2f}" if signed else "{:.2f}"
+        inner = "" if not low_high or low_high[0] is None else \
+            f" (95 % CI {f.format(scale * low_high[0])} to {f.format(scale * low_high[1])})"
+        return f.format(scale * mean) + inner
+
+    lines = [f"{row['label']}, confirmed on {len(row['seeds'])} seeds {row['seeds']}:",
+             f"test accuracy {ci(row.get('test_acc_mean'), row.get('test_acc_ci95'), 100)} %,",
+             f"validation accuracy {ci(row.get('val_acc_mean'), row.get('val_acc_ci95'), 100)} %."]
+    for name, d in (row.get("diff_vs_reference") or {}).items():
+        lines.append(f"Paired difference to {name}: {ci(d['mean'], d['ci95'], 1, True)} points ({d['n']} seeds).")
+    if verdict:
+        lines.append(f"Verdict: {verdict}")
+    return "\n".join(lines)
+
+
 def export_run(run_dir: Path, trial_number: Optional[int] = None, out_dir: Optional[Path] = None) -> list[Path]:
     """Write ``best_model.py`` and ``best_spec.yaml`` for a run's best (or chosen) trial.
 
     Args:
         run_dir: a directory written by ``normsearch run`` (holds ``config.yaml``).
-        trial_number: export this trial instead of the best completed one.
+        trial_number: export this trial instead of the default: the best confirmed configuration
+            (highest mean validation accuracy over the confirmation seeds), or, without a
+            confirmation stage, the best completed search trial.
         out_dir: where to write (default: ``run_dir``).
 
     Returns:
@@ -132,6 +174,9 @@ def export_run(run_dir: Path, trial_number: Optional[int] = None, out_dir: Optio
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     study = load_study(cfg)
+    confirmed = None if trial_number is not None else best_confirmed(study.user_attrs.get("confirmation"))
+    if confirmed is not None:
+        trial_number = confirmed["source_trial"] if confirmed.get("source_trial") is not None else confirmed["trial_numbers"][0]
     if trial_number is None:
         ranked = ranked_trials(study, 1)
         if not ranked:
@@ -145,9 +190,14 @@ def export_run(run_dir: Path, trial_number: Optional[int] = None, out_dir: Optio
     spec = trial_spec(trial)
     in_ch, n_cls = int(study.user_attrs["in_channels"]), int(study.user_attrs["num_classes"])
     slots = find_norm_slots(create_model(cfg.model.name, in_channels=in_ch, num_classes=n_cls, **cfg.model.kwargs))
+    if confirmed is not None:
+        evidence = confirmed_text(confirmed, study.user_attrs.get("confirmation", {}).get("verdict"))
+    else:
+        evidence = (f"trial {trial.number}, validation accuracy {val_acc_of(trial)} (one run of the search, "
+                    f"not confirmed on other seeds).")
     header = safe_header(
         f"Best normalizers found by normsearch for {cfg.model.name} on {cfg.data.dataset}.\n\n"
-        f"Study {cfg.name!r}, trial {trial.number}, validation accuracy {val_acc_of(trial)}."
+        f"Study {cfg.name!r}: {evidence}"
     )
     out = Path(out_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,10 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from . import introspect, plots
+from . import confirm_report, introspect, plots
 from ._document import Block, duration, images, number, pct, render_html, render_markdown
 from .config import RunConfig
+from .norms import get_norm_entry, list_norms
 from .study import (
     ATTR_BACKEND, ATTR_IMAGES_PER_S, ATTR_NUM_PARAMETERS, ATTR_SPEC, ATTR_STEP_TIME, ATTR_VAL_CURVE, load_study,
     run_config, states_count, trial_spec, weights_path,
@@ -33,11 +34,9 @@ from .study import (
 REPORT_DIR = "report"
 #: Every figure the report may write (removed first, so a re-run leaves no stale picture).
 FIGURES = ("best_vs_trial.png", "learning_curves.png", "choice_map.png", "importances.png",
-           "switchnorm_weights.png", "modenorm_gates.png", "pareto.png")
+           "switchnorm_weights.png", "modenorm_gates.png", "pareto.png", *confirm_report.FIGURES)
 GATE_IMAGES = 256  # validation images run through the model for the ModeNorm gate statistics
 MIN_IMPORTANCE_TRIALS = 3
-_SN_KINDS = ("switchnorm",)
-_MODE_KINDS = ("modenorm", "modegroupnorm")
 #: Display names of the ``search.objectives`` metrics.
 _OBJECTIVE_NAMES = {"val_acc": "validation accuracy", "step_time_s": "step time (s)", "num_parameters": "parameters"}
 
@@ -90,7 +89,9 @@ def load_run(run_dir: Path) -> Run:
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     study = load_study(cfg)
-    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    # the search's trials; the confirmation stage's retrained runs have their own section
+    trials = sorted((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("stage", "search") == "search"),
+                    key=lambda t: t.number)
     run = Run(run_dir, cfg, study, trials, rank_trials(trials, study.directions[0]), [])
     run.slots = slot_order(run)
     return run
@@ -335,7 +336,8 @@ def _importance_section(run: Run, out: Path) -> list[Block]:
 
 def _learned_section(run: Run, out: Path) -> list[Block]:
     blocks: list[Block] = []
-    for kinds, what in ((_SN_KINDS, "SwitchNorm"), (_MODE_KINDS, "ModeNorm")):
+    for figure, what in (("switchnorm_weights", "SwitchNorm"), ("mode_gates", "ModeNorm")):
+        kinds = [n for n in list_norms() if get_norm_entry(n).report_figure == figure]  # register_norm's
         found = _first_with(run, kinds)
         if found is None:
             continue
@@ -412,6 +414,7 @@ def write_report(run_dir: Path) -> list[Path]:
     for name in FIGURES:
         (out / name).unlink(missing_ok=True)
     blocks: list[Block] = [("facts", header_facts(run))]
+    blocks += confirm_report.confirmation_section(run.study.user_attrs.get(confirm_report.STUDY_ATTR), out, run.notes)
     for section in (_progress_section, _best_section, _pareto_section, _importance_section, _learned_section):
         blocks += section(run, out)
     if run.notes:

@@ -22,8 +22,13 @@ from .space import SearchSpace
 from .study import (
     ATTR_LAYERS,
     ATTR_NUM_PARAMETERS,
+    ATTR_REFERENCE,
+    ATTR_STAGE,
     ATTR_SPEC,
     ATTR_WEIGHTS,
+    STAGE_CONFIRM,
+    STAGE_SEARCH,
+    create_study,
     load_study,
     ranked_trials,
     states_count,
@@ -37,14 +42,41 @@ _STUDY_DEFINING = ("data", "model", "train", "space")
 
 @dataclass
 class RunSummary:
-    """What a run produced (accuracies as fractions, wall time in seconds)."""
+    """What a run produced (accuracies as fractions, times in seconds).
+
+    Attributes:
+        best: the best search trials (``number``, ``val_acc``, ``layers``, ``spec``, ...).
+        test_acc: test accuracy of the best search trial's saved model (no confirmation stage).
+        val_size, test_size: images in the validation and test splits (binomial standard errors).
+        confirmation: :func:`normsearch.confirm.summarize`'s result (``confirmation``, ``best``,
+            ``verdict``, ``proxy_fidelity``), or ``None`` without a confirmation stage.
+        stage_times_s: wall time of each stage (``search``, ``confirm``, ``test``).
+        confirm_states: confirmation-stage trials by state.
+    """
 
     run_dir: Path
     storage: str
-    states: dict[str, int]
+    states: dict[str, int]  # search-stage trials by state (what search.n_trials counts)
     wall_time_s: float
     best: list[dict[str, Any]] = field(default_factory=list)
     test_acc: Optional[float] = None
+    val_size: int = 0
+    test_size: int = 0
+    confirmation: Optional[dict[str, Any]] = None
+    stage_times_s: dict[str, float] = field(default_factory=dict)
+    confirm_states: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """``summary.json``'s content: every field, with ``confirmation``, ``verdict`` and
+        ``proxy_fidelity`` at the top level."""
+        out = {k: v for k, v in self.__dict__.items() if k != "confirmation"}
+        out["run_dir"] = str(self.run_dir)
+        conf = self.confirmation or {}
+        out["confirmation"] = conf.get("confirmation", [])
+        out["best_confirmed"] = conf.get("best")
+        out["verdict"] = conf.get("verdict")
+        out["proxy_fidelity"] = conf.get("proxy_fidelity")
+        return out
 
 
 def prepare(cfg: RunConfig) -> SearchSpace:
@@ -65,6 +97,9 @@ def prepare(cfg: RunConfig) -> SearchSpace:
         from .search.enas_space import EnasSpace
 
         EnasSpace(space, cfg.space)
+    from .confirm import reference_params
+
+    reference_params(cfg, space)  # search.references: known names, offered in every searched slot
     saved = cfg.resolved_run_dir() / "config.yaml"
     if saved.exists():
         old = yaml.safe_load(saved.read_text()) or {}
@@ -78,13 +113,6 @@ def prepare(cfg: RunConfig) -> SearchSpace:
     return space
 
 
-def _backend(name: str):
-    """``search(cfg, space, progress)`` of the registered backend ``name`` (:mod:`normsearch.search.registry`)."""
-    from .search.registry import get_backend
-
-    return get_backend(name).search
-
-
 def _build_cpu_kernels(cfg: RunConfig) -> None:
     """Build the fused CPU kernels (:mod:`normsearch.norms._cpu_ext`, ~40 s once per machine) here,
     before the first trial, if trials run on the CPU and the space offers a layer that uses them."""
@@ -96,40 +124,93 @@ def _build_cpu_kernels(cfg: RunConfig) -> None:
         _cpu_ext.kernels()
 
 
-def run(cfg: RunConfig, *, progress: bool = True) -> RunSummary:
-    """Run the whole search described by ``cfg`` and return its summary.
+def _confirm(cfg: RunConfig, space: SearchSpace, references: dict[str, dict[str, Any]], backend: Any,
+             summary: RunSummary, progress: bool) -> None:
+    """The confirmation stage (``normsearch.confirm``): enqueue, run through the backend, test, summarize."""
+    from . import confirm
 
-    Re-running on the same run directory continues the study until ``search.n_trials`` trials
-    have finished (completed or pruned).
+    study = load_study(cfg)
+    candidates = confirm.select_candidates(study, space, references, cfg.final.top_k)
+    if not candidates:
+        return
+    confirm.enqueue_confirmation(study, cfg, candidates)
+    epochs = cfg.final.epochs or cfg.train.epochs
+    confirm_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+    t0 = time.monotonic()
+    jobs = len(candidates) * cfg.final.seeds
+    with SearchProgress(jobs, epochs, enabled=progress) as prog:
+        if progress:
+            prog.console.print(f"[bold]confirmation stage:[/] {len(candidates)} configurations x {cfg.final.seeds} "
+                               f"seeds x {epochs} epochs, each from scratch (stage: confirm)", highlight=False)
+        backend.run_enqueued(confirm_cfg, space, prog)
+    summary.stage_times_s["confirm"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    if cfg.final.evaluate_test:
+        confirm.evaluate_tests(study, cfg, lambda path: evaluate_weights(cfg, path, "test")[0])
+        summary.stage_times_s["test"] = time.monotonic() - t0
+    result = confirm.summarize(confirm.collect(study, cfg, candidates))
+    study.set_user_attr(confirm.STUDY_ATTR_RESULT, result)
+    fid = result["proxy_fidelity"]
+    for key in ("kendall_tau", "spearman_rho", "n"):
+        study.set_user_attr(f"proxy_fidelity_{key}", fid[key])
+    study.set_user_attr("verdict", result["verdict"])
+    summary.confirmation = result
+
+
+def run(cfg: RunConfig, *, progress: bool = True) -> RunSummary:
+    """Run the whole study described by ``cfg``: search, confirmation, verdict; return its summary.
+
+    1. Search stage: the reference arms (``search.references``) are enqueued as the first trials,
+       then the backend runs until ``search.n_trials`` search trials have finished (completed or
+       pruned); re-running on the same run directory continues the study.
+    2. Confirmation stage (``final.confirm``): see :mod:`normsearch.confirm`.
+    3. ``RUN_DIR/summary.json`` and the study's user attrs get the results.
+
+    Raises:
+        ConfigError: bad configuration or space (nothing is written).
+        normsearch.data.DataError: the dataset is missing and cannot be downloaded.
     """
+    from . import confirm
+    from .search.registry import get_backend
+
     t0 = time.monotonic()
     space = prepare(cfg)
+    references = confirm.reference_params(cfg, space)
+    backend = get_backend(cfg.search.backend)
     run_dir = cfg.resolved_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     bundle = load_data(cfg.data)
     _build_cpu_kernels(cfg)
-    with SearchProgress(cfg.search.n_trials, cfg.train.epochs, enabled=progress) as prog:
-        _backend(cfg.search.backend)(cfg, space, prog)
-    study = load_study(cfg)
+    study = create_study(cfg)
+    confirm.enqueue_references(study, references)
     study.set_user_attr("model", cfg.model.name)
     study.set_user_attr("dataset", cfg.data.dataset)
     study.set_user_attr("in_channels", bundle.in_channels)
     study.set_user_attr("num_classes", bundle.num_classes)
-    summary = RunSummary(run_dir, cfg.resolved_storage(), states_count(study.get_trials(deepcopy=False)), 0.0)
+    with SearchProgress(cfg.search.n_trials, cfg.train.epochs, enabled=progress) as prog:
+        backend.search(cfg, space, prog)
+    study = load_study(cfg)
+    summary = RunSummary(run_dir, cfg.resolved_storage(), {}, 0.0, val_size=len(bundle.val.y), test_size=len(bundle.test.y))
+    summary.stage_times_s["search"] = time.monotonic() - t0
     for t in ranked_trials(study, cfg.final.top_k):
         summary.best.append(
             {"number": t.number, "val_acc": val_acc_of(t), "num_parameters": t.user_attrs.get(ATTR_NUM_PARAMETERS),
              "layers": t.user_attrs.get(ATTR_LAYERS, {}), "spec": t.user_attrs.get(ATTR_SPEC),
-             "weights": t.user_attrs.get(ATTR_WEIGHTS)}
+             "weights": t.user_attrs.get(ATTR_WEIGHTS), "reference": t.user_attrs.get(ATTR_REFERENCE)}
         )
-    if cfg.final.evaluate_test and summary.best and Path(summary.best[0]["weights"] or "").is_file():
+    if cfg.final.confirm and summary.best:
+        _confirm(cfg, space, references, backend, summary, progress)
+    elif cfg.final.evaluate_test and summary.best and Path(summary.best[0]["weights"] or "").is_file():
         best = summary.best[0]
         acc, _ = evaluate_weights(cfg, Path(best["weights"]), "test")
         summary.test_acc = acc
         # finished trials are read-only in Optuna: the test figure goes on the study
         study.set_user_attr("best_trial_number", best["number"])
         study.set_user_attr("best_test_acc", acc)
+    trials = study.get_trials(deepcopy=False)
+    summary.states = states_count(t for t in trials if t.user_attrs.get(ATTR_STAGE, STAGE_SEARCH) == STAGE_SEARCH)
+    summary.confirm_states = states_count(t for t in trials if t.user_attrs.get(ATTR_STAGE) == STAGE_CONFIRM)
     summary.wall_time_s = time.monotonic() - t0
-    (run_dir / "summary.json").write_text(json.dumps({**summary.__dict__, "run_dir": str(run_dir)}, indent=2))
+    (run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
     return summary

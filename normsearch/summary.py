@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -16,7 +17,8 @@ from .stats import fmt_acc
 def print_summary(summary: RunSummary, console: Console) -> None:
     """Best trials (accuracy, parameters, normalizer counts), the best trial's per-layer choices,
     its test accuracy, and how to export or browse the study."""
-    states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(summary.states.items()))
+    states = "; ".join(f"{stage}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+                       for stage, counts in (("search", summary.states), ("confirm", summary.confirm_states)) if counts)
     console.print(f"\n[bold]Study[/] {summary.storage}  ({states}; {summary.wall_time_s:.0f} s)")
     if not summary.best:
         console.print("no trial completed: see each trial's fail_reason in the dashboard")
@@ -61,7 +63,7 @@ def print_confirmation(summary: RunSummary, console: Console) -> None:
     if not result or not result.get("confirmation"):
         return
     headers, rows = confirmation_rows(result)
-    table = Table(title="confirmation: retrained from scratch on the same seeds (accuracy %, 95 % CI)")
+    table = Table(title="confirmation: retrained from scratch on the same seeds", box=box.SIMPLE_HEAD, padding=(0, 1))
     for i, name in enumerate(headers):
         table.add_column(name, justify="left" if i == 0 else "right")
     for row in rows:
