@@ -1,4 +1,7 @@
-"""Command line: ``normsearch run | export | report | dashboard | list-norms``. Thin: each command calls the library.
+"""Command line: ``normsearch run | check | spaces | export | report | dashboard | list-norms``. Thin: each command calls the library.
+
+``run`` and ``check`` take a YAML path or the name of a bundled search space (``quickstart``,
+``cifar_resnet20.yaml``; :mod:`normsearch.spaces`); an existing path always wins.
 
 Errors a user can fix (bad config, missing data, not a run directory) print one line
 ``normsearch: error: ...`` and exit with status 2; no traceback.
@@ -23,10 +26,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import optuna
     from rich.console import Console
 
-    from .config import load_config
+    from .estimate import estimate_line
+    from .preflight import load_config, preflight
     from .runner import run
+    from .spaces import resolve_config
     from .summary import print_summary
 
+    args.config = str(resolve_config(args.config))
     cfg = load_config(args.config)
     overrides = {}
     if args.run_dir:
@@ -44,6 +50,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update=search)})
         cfg = type(cfg).model_validate(cfg.model_dump())  # re-validate overridden values
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by our progress lines
+    preflight(cfg)  # bad values and missing data fail here, before the estimate's timing (data cached for the run)
+    print(f"normsearch: {estimate_line(cfg)}", flush=True)
     summary = run(cfg, progress=not args.quiet)
     print_summary(summary, Console())
     finished = summary.states.get("COMPLETE", 0) + summary.states.get("PRUNED", 0)
@@ -60,6 +68,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .preflight import load_config
+    from .estimate import check, format_duration
+    from .spaces import resolve_config
+
+    if args.steps < 3:
+        return _fail(f"--steps: must be >= 3 (the first 2 steps are warm-up), got {args.steps}")
+    args.config = str(resolve_config(args.config))
+    result = check(load_config(args.config), args.steps)
+    est = result.estimate
+    print(f"{args.config}: valid; {len(result.space.decisions)} decisions over {len(result.space.slots)} slots")
+    print("every choice built and run (forward+backward, 8 images): "
+          + ", ".join(f"{c.label} {c.seconds * 1e3:.0f} ms" for c in result.choices))
+    for t in result.timings:
+        kinds = ", ".join(sorted({s.short() for s in t.spec.layers.values()})) or "the model's default"
+        print(f"{t.name} configuration ({kinds}): {t.step_s:.3g} s per training step, "
+              f"{t.eval_s_per_image * 1e3:.3g} ms per evaluated image")
+    for note in est.notes:
+        print(f"warning: {note}")
+    print(f"estimate: {est.line()}")
+    print(f"  search {format_duration(est.search_s[0])} to {format_duration(est.search_s[1])}, "
+          f"confirmation {format_duration(est.confirm_s[0])} to {format_duration(est.confirm_s[1])}")
+    return 0
+
+
+def _cmd_spaces(args: argparse.Namespace) -> int:
+    from .spaces import format_spaces, list_spaces
+
+    print(format_spaces(list_spaces()))
     return 0
 
 
@@ -107,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="normsearch", description="Search per-layer normalization layers for CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run (or resume) the search described by a YAML file")
-    r.add_argument("config", help="search-space YAML file, e.g. search_spaces/quickstart.yaml")
+    r.add_argument("config", help="search-space YAML file or bundled name, e.g. quickstart (see `normsearch spaces`)")
     r.add_argument("--run-dir", help="override run_dir (where the study and weights go)")
     r.add_argument("--storage", help="override the Optuna storage URL (any SQLAlchemy URL)")
     r.add_argument("--n-trials", type=int, help="override search.n_trials")
@@ -117,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-failures", type=int, help="override search.max_failures (failed trials before the study stops)")
     r.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     r.set_defaults(func=_cmd_run)
+    c = sub.add_parser("check", help="validate a search space, build every choice, time it, estimate the study's wall time")
+    c.add_argument("config", help="search-space YAML file or bundled name, e.g. cifar_resnet20")
+    c.add_argument("--steps", type=int, default=4, help="training steps timed per configuration (2 are warm-up; >= 3)")
+    c.set_defaults(func=_cmd_check)
+    sp = sub.add_parser("spaces", help="list the bundled search spaces (use their names with run and check)")
+    sp.set_defaults(func=_cmd_spaces)
     e = sub.add_parser("export", help="write best_model.py and best_spec.yaml for a run's best trial")
     e.add_argument("run_dir")
     e.add_argument("--trial", type=int, help="export this trial number instead of the best")

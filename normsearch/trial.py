@@ -8,6 +8,7 @@ pruner or scheduler can still be evaluated or exported.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -87,6 +88,25 @@ def load_weights(cfg: RunConfig, path: Path, bundle: DataBundle) -> tuple[nn.Mod
     return model, spec
 
 
+def trial_device(setting: str) -> torch.device:
+    """The device a trial trains on: :func:`~normsearch.train.resolve_device`, except that a CUDA
+    setting where torch sees no CUDA falls back to the CPU with a one-line warning on stderr.
+
+    A Ray trial given ``search.ray.gpus_per_trial > 0`` is configured for CUDA, but its GPU may be
+    a declared resource only (``ray start --num-gpus 1`` on a CPU machine) or its torch a CPU
+    build; it then trains on the CPU instead of failing. (The driver's preflight still rejects an
+    explicit ``train.device: cuda`` on a machine without CUDA.)
+
+    Raises:
+        ValueError: an unparsable setting.
+    """
+    if str(setting).startswith("cuda") and not torch.cuda.is_available():
+        print(f"normsearch: warning: train.device {setting!r} but torch sees no CUDA here; training on the CPU",
+              file=sys.stderr, flush=True)
+        return torch.device("cpu")
+    return resolve_device(setting)
+
+
 def run_trial(
     cfg: RunConfig,
     spec: ModelSpec,
@@ -112,7 +132,7 @@ def run_trial(
     """
     bundle = load_data(cfg.data)
     train_cfg = cfg.train.model_copy(update={"seed": seed})
-    device = resolve_device(train_cfg.device)
+    device = trial_device(train_cfg.device)
     torch.manual_seed(seed)
     model = build_model(cfg, spec, bundle)
     if on_model is not None:
