@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -40,12 +39,13 @@ from ._runtime import (
     resolve_device,
     set_seed,
 )
+from ._train_records import EpochReport, FitResult, StepTotals, TrialDiverged, _EpochStats
 from .config import TrainConfig
 from .norms.standardization import StandardizationLossTap
 
 __all__ = [
     "COMPILE_MIN_STEPS", "TIMING_WARMUP_STEPS", "CompiledForward", "EpochLRFactor", "EpochReport",
-    "FitResult", "Trainer", "TrialDiverged", "compiles_well", "keep_freed_memory", "resolve_device",
+    "FitResult", "StepTotals", "Trainer", "TrialDiverged", "compiles_well", "keep_freed_memory", "resolve_device",
     "set_seed",
 ]
 
@@ -68,78 +68,6 @@ def compiles_well(model: nn.Module) -> bool:
     return all(getattr(m, "compiles_well", True) for m in model.modules())
 
 ReportFn = Callable[["EpochReport"], Optional[bool]]
-
-
-class TrialDiverged(RuntimeError):
-    """The training (or validation) loss became NaN or infinite.
-
-    Args:
-        message: one-line description naming the epoch and step.
-        epoch: 1-based epoch in which divergence was detected.
-        step: 1-based optimizer step within that epoch at (or, on accelerators, by) which the
-            loss was non-finite; ``None`` when detected in validation.
-    """
-
-    def __init__(self, message: str, *, epoch: Optional[int] = None, step: Optional[int] = None):
-        super().__init__(message)
-        self.epoch = epoch
-        self.step = step
-
-
-@dataclass(frozen=True)
-class EpochReport:
-    """What the trainer knows after one epoch (passed to the ``report`` callback).
-
-    Attributes:
-        epoch: 1-based epoch number.
-        val_acc: validation accuracy, fraction in [0, 1].
-        val_loss: mean validation cross-entropy per image.
-        train_loss: mean training cross-entropy per image this epoch (without the
-            standardization-loss term).
-        train_acc: training accuracy this epoch (train mode, on the fly), fraction in [0, 1].
-        lr: learning rate used during this epoch.
-        step_time_s: mean seconds per optimizer step this epoch (first steps of the run excluded
-            as warm-up; data fetching included).
-        images_per_s: training images per second this epoch (same steps as ``step_time_s``).
-        elapsed_s: seconds since ``fit`` started, evaluation included.
-    """
-
-    epoch: int
-    val_acc: float
-    val_loss: float
-    train_loss: float
-    train_acc: float
-    lr: float
-    step_time_s: float
-    images_per_s: float
-    elapsed_s: float
-
-
-@dataclass
-class FitResult:
-    """Outcome of :meth:`Trainer.fit`.
-
-    Attributes:
-        best_val_acc: highest validation accuracy over the epochs run.
-        final_val_acc: validation accuracy after the last epoch run.
-        epochs_run: number of epochs trained.
-        stopped_early: ``True`` when the ``report`` callback asked to stop.
-        history: one :class:`EpochReport` per epoch run.
-        step_time_s: mean seconds per optimizer step over the whole run (warm-up excluded).
-        images_per_s: training images per second over the whole run (warm-up excluded).
-        train_time_s: seconds spent in training steps (warm-up included, evaluation excluded).
-        num_parameters: number of model parameters (all ``model.parameters()`` elements).
-    """
-
-    best_val_acc: float
-    final_val_acc: float
-    epochs_run: int
-    stopped_early: bool
-    history: list[EpochReport] = field(default_factory=list)
-    step_time_s: float = float("nan")
-    images_per_s: float = float("nan")
-    train_time_s: float = 0.0
-    num_parameters: int = 0
 
 
 def _cycle(loader: Iterable) -> Iterator:
@@ -355,72 +283,94 @@ class Trainer:
         result.train_time_s = sum(s.total_s for s in epoch_stats)
         return result
 
+    def train_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        totals: "StepTotals",
+        *,
+        tap: Optional[StandardizationLossTap] = None,
+        std_loss_weight: Optional[float] = None,
+        check: bool = False,
+    ) -> bool:
+        """One optimizer step on the batch ``(x, y)``, in training mode as the model is.
+
+        Forward under autocast (bf16 when :attr:`amp`), cross-entropy in float32, plus
+        ``std_loss_weight * tap.pop()`` (the standardization loss of the slots ``tap`` watches,
+        Collins et al., Eq. 2) when a tap is given; the sums of the batch go into ``totals``;
+        then ``zero_grad``, backward, gradient clipping at ``cfg.grad_clip`` (if set) and
+        ``optimizer.step()``. :meth:`fit` runs its epochs with it; ENAS's shared-weight phase
+        (:mod:`normsearch.search.enas`) calls it with each batch's child and tap.
+
+        Args:
+            x: images (N, C, H, W), moved to the device and memory format here.
+            y: labels (N,) int64.
+            optimizer: steps the model's parameters.
+            totals: running sums, updated in place.
+            tap: an entered :class:`StandardizationLossTap` on the model, or None.
+            std_loss_weight: weight of the tap's loss (default: the trainer's ``std_loss_weight``).
+            check: read ``totals`` back (one host sync) and stop before the backward pass if the
+                losses summed so far are NaN/inf.
+
+        Returns:
+            False when ``check`` found a non-finite loss (nothing was stepped), else True.
+        """
+        x, y = self._prepare(x, y)
+        with self._autocast():
+            logits = self._forward(x)
+            ce = _cross_entropy(logits, y)
+        loss = ce
+        if tap is not None:
+            std = tap.pop()
+            loss = ce + (self.std_loss_weight if std_loss_weight is None else std_loss_weight) * std
+            totals.std_sum.add_(std.detach())
+        n = y.shape[0]
+        totals.ce_sum.add_(ce.detach(), alpha=n)
+        totals.correct.add_((logits.detach().argmax(dim=1) == y).sum())
+        totals.images += n
+        if check and not totals.finite():
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        optimizer.step()
+        return True
+
     def _train_epoch(
         self, epoch: int, steps: int, batches: Iterator, optimizer: torch.optim.Optimizer, tap: Any
     ) -> "_EpochStats":
         """Run ``steps`` optimizer steps; return the epoch's loss, accuracy and timings."""
-        model, device = self.model, self.device
-        model.train()
+        device = self.device
+        self.model.train()
         if tap is not None:
             tap.pop()  # discard anything collected outside training steps
         first = epoch == 1
         check_every = 1 if device.type == "cpu" else _ACCEL_CHECK_EVERY
         warmup = min(TIMING_WARMUP_STEPS, steps - 1) if first else 0
-        ce_sum, std_sum = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        images = timed_images = 0
+        totals = StepTotals.zeros(device)
+        untimed_images = 0
         t_begin = t_timed = time.perf_counter()
         for step in range(1, steps + 1):
             if step == warmup + 1 and warmup > 0:
                 _sync(device)
-                t_timed = time.perf_counter()
-            x, y = self._prepare(*next(batches))
-            with self._autocast():
-                logits = self._forward(x)
-                ce = _cross_entropy(logits, y)
-            loss = ce
-            if tap is not None:
-                std = tap.pop()
-                loss = ce + self.std_loss_weight * std
-                std_sum.add_(std.detach())
-            n = y.shape[0]
-            ce_sum.add_(ce.detach(), alpha=n)
-            correct.add_((logits.detach().argmax(dim=1) == y).sum())
-            images += n
-            timed_images += n if step > warmup else 0
+                t_timed, untimed_images = time.perf_counter(), totals.images
             exact = check_every == 1 or (first and step <= _ACCEL_EARLY_CHECKS)
-            if exact or step % check_every == 0 or step == steps:
-                if not bool(torch.isfinite(ce_sum + std_sum)):
-                    raise TrialDiverged(
-                        f"non-finite training loss in epoch {epoch} {'at' if exact else 'by'} "
-                        f"step {step} of {steps}",
-                        epoch=epoch,
-                        step=step,
-                    )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
-            optimizer.step()
+            check = exact or step % check_every == 0 or step == steps
+            if not self.train_step(*next(batches), optimizer, totals, tap=tap, check=check):
+                raise TrialDiverged(
+                    f"non-finite training loss in epoch {epoch} {'at' if exact else 'by'} step {step} of {steps}",
+                    epoch=epoch,
+                    step=step,
+                )
         _sync(device)
         t_end = time.perf_counter()
         return _EpochStats(
-            loss=ce_sum.item() / images,
-            acc=correct.item() / images,
+            loss=totals.mean_loss(),
+            acc=totals.accuracy(),
             timed_s=t_end - t_timed,
             timed_steps=steps - warmup,
-            timed_images=timed_images,
+            timed_images=totals.images - untimed_images,
             total_s=t_end - t_begin,
         )
-
-
-@dataclass(frozen=True)
-class _EpochStats:
-    """One epoch's training numbers (seconds, images) for :class:`EpochReport`/`FitResult`."""
-
-    loss: float
-    acc: float
-    timed_s: float
-    timed_steps: int
-    timed_images: int
-    total_s: float

@@ -36,14 +36,12 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import optuna
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..config import ConfigError, RunConfig
 from ..data import TensorLoader, load_data
 from ..norms.standardization import StandardizationLossTap
 from ..space import SearchSpace
-from ..train import EpochLRFactor, Trainer, TrialDiverged, resolve_device, set_seed
+from ..train import EpochLRFactor, StepTotals, Trainer, TrialDiverged, resolve_device, set_seed
 from .controller import ControllerConfig, LSTMController, ReinforceTrainer
 from .enas_plots import compact_attrs, plot_history, write_history
 from .enas_retrain import retrain_children
@@ -99,12 +97,12 @@ class EnasSearch:
             cfg.model.name, self.espace.slot_options(), self.espace.groups(),
             in_channels=self.bundle.in_channels, num_classes=self.bundle.num_classes, **cfg.model.kwargs,
         )
-        self.trainer = Trainer(self.supernet, cfg.train, device=resolve_device(cfg.train.device))
+        # Eager: the supernet's active path changes with every batch's child, so a compiled graph
+        # would be recompiled per child. The Trainer's step trains the shared weights (train_shared).
+        self.trainer = Trainer(self.supernet, cfg.train.model_copy(update={"compile": False}),
+                               device=resolve_device(cfg.train.device))
         self.device = self.trainer.device
-        o = cfg.train.optimizer
-        self.optimizer = torch.optim.SGD(
-            self.supernet.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
-        )
+        self.optimizer = self.trainer._make_optimizer()  # SGD from train.optimizer
         self.lr_factor = EpochLRFactor(cfg.train.schedule, self.total_epochs)
         e = self.ecfg
         # The controller stays on the CPU: its LSTM steps are too small for an accelerator.
@@ -135,16 +133,13 @@ class EnasSearch:
             seed=seed, channels_last=self.trainer.channels_last,
         )
 
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.trainer.amp)
-
     @torch.no_grad()
     def batch_accuracy(self, actions: Mapping[str, int], recal: list, x: torch.Tensor, y: torch.Tensor) -> float:
         """Accuracy (fraction) of child ``actions`` on one batch, after recalibrating on ``recal``."""
         self.supernet.set_sample(actions)
         recalibrate(self.supernet, recal)
         self.supernet.eval()
-        with self._autocast():
+        with self.trainer._autocast():
             logits = self.supernet(x)
         return float((logits.argmax(dim=1) == y).float().mean())
 
@@ -161,31 +156,18 @@ class EnasSearch:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         net = self.supernet.train()
-        ce_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        images = 0
+        totals = StepTotals.zeros(self.device)
         for (x, y), actions in zip(loader, children):
             spec = self.espace.spec(actions)
             net.set_sample(actions)
             layers = spec.std_loss_layers
             tap = StandardizationLossTap(net.net, layers) if layers else None
             with tap if tap is not None else contextlib.nullcontext():
-                with self._autocast():
-                    logits = net(x)
-                ce = F.cross_entropy(logits.float(), y)
-                loss = ce + spec.std_loss_weight * tap.pop() if tap is not None else ce
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.grad_clip is not None:
-                nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
-            self.optimizer.step()
-            ce_sum += ce.detach() * y.shape[0]
-            correct += (logits.detach().argmax(dim=1) == y).sum()
-            images += y.shape[0]
-        mean_loss = ce_sum.item() / images
+                self.trainer.train_step(x, y, self.optimizer, totals, tap=tap, std_loss_weight=spec.std_loss_weight)
+        mean_loss = totals.mean_loss()
         if not math.isfinite(mean_loss):
             raise TrialDiverged(f"ENAS shared weights: non-finite training loss in supernet epoch {epoch}", epoch=epoch)
-        return {"lr": lr, "shared_loss": mean_loss, "shared_acc": correct.item() / images, "shared_steps": steps}
+        return {"lr": lr, "shared_loss": mean_loss, "shared_acc": totals.accuracy(), "shared_steps": steps}
 
     def train_controller(self, epoch: int) -> list[dict[str, float]]:
         """Phase (b): ``controller_steps_per_epoch`` REINFORCE updates; one row per update."""

@@ -44,6 +44,16 @@ def toy(monkeypatch):
     sys.modules.pop("_toy_norm", None)
 
 
+def load_exported(source: str, folder: Path):
+    """Write ``source`` as ``folder/best_model.py`` and import it (a fresh module object)."""
+    path = folder / "best_model.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"exported_{folder.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def scratch_registry(monkeypatch):
     """A registry copy that tests may add to freely."""
@@ -126,12 +136,7 @@ def test_export_of_a_toy_spec_is_importable_and_builds(toy, tmp_path):
                       rest[0]: NormSpec.make("modenorm", num_components=2)})
     source = render_model_source("lenet", 1, 10, spec, slots)
     assert "from _toy_norm import ToyCenterNorm2d" in source
-    path = tmp_path / "best_model.py"
-    path.write_text(source)
-    mod_spec = importlib.util.spec_from_file_location("exported_best_model", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    model = module.build_model()
+    model = load_exported(source, tmp_path).build_model()
     layer = model.get_submodule(first)
     assert isinstance(layer, toy.ToyCenterNorm2d) and layer.momentum == 0.25 and layer.num_features == slots[first]
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
@@ -144,12 +149,7 @@ def test_export_of_an_unimportable_factory_goes_through_the_registry(scratch_reg
     first = next(iter(slots))
     source = render_model_source("lenet", 1, 10, ModelSpec({first: NormSpec.make("lambdanorm", eps=1e-3)}), slots)
     assert "partial(create_norm_layer, 'lambdanorm')" in source
-    path = tmp_path / "best_model.py"
-    path.write_text(source)
-    mod_spec = importlib.util.spec_from_file_location("exported_lambda_model", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    assert module.build_model().get_submodule(first).eps == 1e-3
+    assert load_exported(source, tmp_path).build_model().get_submodule(first).eps == 1e-3
 
 
 def test_supernet_takes_the_toy_as_an_option_and_recalibrates_it(toy):
