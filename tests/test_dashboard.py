@@ -129,3 +129,15 @@ def test_trial_list_shows_every_trial_with_layers_and_attrs(run_dir: Path, dashb
     shot = ARTIFACTS / "dashboard_trials.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_history_plot_names_the_objective(run_dir: Path, dashboard: str, page):
+    """The study's metric names (``create_study`` sets ``["val_acc"]``) label the history plot's y axis."""
+    from playwright.sync_api import expect
+
+    (study_id,) = [s["study_id"] for s in _get_json(f"{dashboard}/api/studies")["study_summaries"] if s["study_name"] == STUDY]
+    page.goto(f"{dashboard}/dashboard/studies/{study_id}")
+    title = page.locator("svg text.ytitle", has_text="val_acc").first  # Plotly's y-axis title
+    title.scroll_into_view_if_needed()
+    expect(title).to_be_visible()
+    expect(page.get_by_text("Objective 0", exact=True)).to_have_count(0)  # the unnamed fallback label

@@ -142,9 +142,9 @@ class TrialRecorder:
         self.cfg = cfg
         self.backend = backend
         self.progress = progress if progress is not None else SearchProgress(0, cfg.train.epochs, enabled=False)
-        self._storage: Optional[optuna.storages.RDBStorage] = None
+        self._rdb: Optional[optuna.storages.RDBStorage] = None
         self._study: Optional[optuna.Study] = None
-        self._study_id = -1
+        self._sid = -1
         self._failures: Optional[FailureLimit] = None
         self._heartbeat: Optional[_Heartbeat] = None
         self._ids: dict[int, int] = {}  # trial number -> storage trial id
@@ -164,16 +164,16 @@ class TrialRecorder:
     @property
     def storage(self) -> optuna.storages.RDBStorage:
         """The run's RDB storage (opened on first use, with heartbeats)."""
-        if self._storage is None:
-            self._storage = open_storage(self.cfg)
-        return self._storage
+        if self._rdb is None:
+            self._rdb = open_storage(self.cfg)
+        return self._rdb
 
     @property
     def study(self) -> optuna.Study:
         """The run's study (created or loaded on first use; see :func:`normsearch.study.create_study`)."""
         if self._study is None:
             self._study = create_study(self.cfg, self.storage)
-            self._study_id = self.storage.get_study_id_from_name(self.cfg.name)
+            self._sid = self.storage.get_study_id_from_name(self.cfg.name)
             self._failures = FailureLimit(self._study, self.cfg.search.max_failures)
         return self._study
 
@@ -193,7 +193,7 @@ class TrialRecorder:
         """The storage's id of trial ``number`` (cached)."""
         if number not in self._ids:
             self.study  # opens the storage and finds the study's id
-            self._ids[number] = self.storage.get_trial_id_from_study_id_trial_number(self._study_id, number)
+            self._ids[number] = self.storage.get_trial_id_from_study_id_trial_number(self._sid, number)
         return self._ids[number]
 
     def _set(self, number: int, attrs: Mapping[str, Any]) -> None:
