@@ -62,6 +62,8 @@ class Candidate:
         reference: the reference's name, ``None`` for a searched configuration.
         source_trial: the search trial it comes from (``None`` if the reference never ran).
         search_score: the value that ranked it in the search (fraction; see :func:`search_score`).
+        score_source: ``"supernet"`` (ENAS's shared-weight score) or ``"trial"`` (the trial's own
+            validation accuracy); proxy fidelity only correlates scores of one source.
     """
 
     label: str
@@ -70,6 +72,7 @@ class Candidate:
     reference: Optional[str] = None
     source_trial: Optional[int] = None
     search_score: Optional[float] = None
+    score_source: str = "trial"
 
 
 @dataclass
@@ -143,6 +146,10 @@ def search_score(trial: FrozenTrial) -> Optional[float]:
     return None
 
 
+def _score_source(trial: FrozenTrial) -> str:
+    return "supernet" if ATTR_SUPERNET_ACC in trial.user_attrs else "trial"
+
+
 def _search_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
             if t.user_attrs.get(ATTR_STAGE, STAGE_SEARCH) == STAGE_SEARCH and ATTR_SPEC in t.user_attrs]
@@ -172,14 +179,15 @@ def select_candidates(study: optuna.Study, space: SearchSpace, references: Mappi
         if spec in seen:
             continue
         seen.add(spec)
-        picked.append(Candidate(f"trial {t.number}", dict(t.params), spec, None, t.number, search_score(t)))
+        picked.append(Candidate(f"trial {t.number}", dict(t.params), spec, None, t.number, search_score(t),
+                                _score_source(t)))
         if len(picked) == top_k:
             break
     for name, params in references.items():
         src = ref_trials.get(name)
         spec = space.decode(params)
         picked.append(Candidate(name, dict(params), spec, name, src.number if src else None,
-                                search_score(src) if src else None))
+                                search_score(src) if src else None, _score_source(src) if src else "trial"))
     return picked
 
 
@@ -335,17 +343,22 @@ def summarize(rows: Sequence[Confirmed]) -> dict[str, Any]:
                 diffs[ref.candidate.reference] = {"mean": mean, "ci95": [low, high], "n": n}
         table.append({
             "label": c.label, "reference": c.reference, "source_trial": c.source_trial,
-            "search_score": c.search_score, "spec": c.spec.to_dict(), "trial_numbers": row.trial_numbers,
+            "search_score": c.search_score, "score_source": c.score_source, "spec": c.spec.to_dict(), "trial_numbers": row.trial_numbers,
             "seeds": row.seeds, "val_acc": row.val_acc, "test_acc": test,
             "test_acc_mean": t_mean, "test_acc_ci95": t_ci, "val_acc_mean": v_mean, "val_acc_ci95": v_ci,
             "diff_vs_reference": diffs,
         })
     out: dict[str, Any] = {"confirmation": table, "best": searched[0].candidate.label if searched else None}
     out["verdict"] = _verdict(table, refs)
-    scored = [r for r in table if r["search_score"] is not None and (r["test_acc_mean"] or r["val_acc_mean"]) is not None]
+    # one kind of search score only: with ENAS the searched children carry supernet scores, a
+    # reference arm only its own trial's accuracy, and the two are not on one scale
+    source = searched[0].candidate.score_source if searched else "trial"
+    scored = [r for r in table if r["search_score"] is not None and r["score_source"] == source
+              and (r["test_acc_mean"] if r["test_acc_mean"] is not None else r["val_acc_mean"]) is not None]
     metric = "test_acc_mean" if all(r["test_acc_mean"] is not None for r in scored) else "val_acc_mean"
     fid = stats.rank_correlation([r["search_score"] for r in scored], [r[metric] for r in scored])
-    out["proxy_fidelity"] = {**fid, "metric": metric, "note": stats.fidelity_note(fid["kendall_tau"], fid["n"])}
+    out["proxy_fidelity"] = {**fid, "metric": metric, "score_source": source,
+                             "note": stats.fidelity_note(fid["kendall_tau"], fid["n"])}
     return _clean(out)
 
 
