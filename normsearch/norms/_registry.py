@@ -105,7 +105,7 @@ def register_norm(
         short, color, fused_kernels, recalibration, report_figure: see :class:`NormEntry`; left
             out, the normalizer gets its name as short name, the first :data:`DEFAULT_COLORS`
             colour no registered normalizer uses (cycling in registration order once all are
-            taken), no fused kernels, the ``reset_running_stats`` recalibration and no report
+            taken), no fused kernels, the ``"running_stats"`` recalibration and no report
             figure.
 
     Raises:
