@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-CONFIG ?= search_spaces/quickstart.yaml
+# a bundled search space by name (`normsearch spaces` lists them) or a YAML path
+CONFIG ?= quickstart
 RUN_DIR ?= runs/quickstart
 # CPU build of PyTorch for this project's machines. A GPU user overrides this, e.g.
 #   make run TORCH='torch torchvision'        (PyPI's default Linux wheels are CUDA builds)

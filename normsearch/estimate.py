@@ -3,27 +3,22 @@
 What :func:`check` does, writing nothing (no run directory, no storage, no data files):
 
 1. validates the configuration and resolves the space against the model's slots, with image
-   shapes from the dataset registry (:func:`normsearch.data.get_dataset_info`), so it works before
-   the data is on disk (it then says how to get it);
-2. builds every choice of the space once (each choice in every slot that offers it, searched
-   arguments at their largest values) and runs a forward and backward pass on a batch of 8 images
-   of the dataset's shape; the time of that pass ranks the choices by cost;
-3. times ``steps`` training steps (the first :data:`~normsearch.train.TIMING_WARMUP_STEPS` are
-   warm-up) of the cheapest configuration (the cheapest choice everywhere at its smallest
-   values, standardization loss off) and the most expensive one (the most expensive choice at its
-   largest values, the loss on where the space allows it) with the project's
-   :class:`~normsearch.train.Trainer` (device, channels_last, bf16 autocast and threads as
-   configured; no ``torch.compile``, whose one-off cost a short timing cannot amortize) on random
-   images served by the project's :class:`~normsearch.data.TensorLoader` (augmentation included),
-   plus one evaluation batch;
-4. turns that into the study's wall time: epoch = steps per epoch x step time + validation images x
-   evaluation time per image; trial-epochs of the search (what the scheduler or pruner can cut);
-   the confirmation stage; trials that run at once.
+   shapes from the dataset registry (:func:`normsearch.data.get_dataset_info`): no data needed;
+2. builds every choice once (in every slot that offers it, searched arguments at their largest
+   values) and times a forward and backward pass on 8 images: this ranks the choices by cost;
+3. times ``steps`` training steps (2 warm-up) of the cheapest configuration (cheapest choice
+   everywhere, smallest values, loss off) and the most expensive one (largest values, loss on if
+   possible) with the project's :class:`~normsearch.train.Trainer` (device, channels_last, autocast,
+   threads as configured; no ``torch.compile``, whose one-off cost a short timing cannot amortize)
+   on random images from :class:`~normsearch.data.TensorLoader` (augmentation included), plus one
+   evaluation batch;
+4. epoch = steps per epoch x step time + validation images x evaluation time per image; then the
+   search's trial-epochs (what the scheduler or pruner cuts), the confirmation stage, and the
+   trials that run at once give the wall time.
 
 The fused CPU kernels of ModeNorm/MixtureNorm (:mod:`normsearch.norms._cpu_ext`) are compiled the
 first time a choice needs them (~40 s once per machine), which a first ``check`` then includes.
-``normsearch run`` prints the same line (:func:`estimate_line`), computed the same way, before it
-starts: a few seconds for the quick start.
+``normsearch run`` prints the same line (:func:`estimate_line`, 3 timed steps) before it starts.
 """
 
 from __future__ import annotations
@@ -33,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -55,10 +50,8 @@ HYPERBAND_REDUCTION = 3.0
 PROBE_BATCH = 8
 
 
-@dataclass(frozen=True)
-class ChoiceCost:
-    """One choice built in every slot that offers it: its label and forward+backward seconds on
-    :data:`PROBE_BATCH` images (fastest of 3 passes after a warm-up pass)."""
+class ChoiceCost(NamedTuple):
+    """A choice built in every slot offering it: label, forward+backward seconds on 8 images."""
 
     label: str
     seconds: float
@@ -66,14 +59,8 @@ class ChoiceCost:
 
 @dataclass(frozen=True)
 class Timing:
-    """Measured cost of one configuration.
-
-    Attributes:
-        name: ``cheapest`` or ``most expensive``.
-        spec: the configuration timed.
-        step_s: seconds per training step at ``train.batch_size`` (warm-up excluded).
-        eval_s_per_image: seconds of evaluation per image (one batch of ``train.eval_batch_size``).
-    """
+    """Measured cost of one configuration (``name``: ``cheapest`` or ``most expensive``): seconds per
+    training step at ``train.batch_size`` (warm-up excluded) and per evaluated image."""
 
     name: str
     spec: ModelSpec
@@ -108,7 +95,7 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def total_s(self) -> tuple[float, float]:
+    def total_s(self) -> tuple[float, float]:  # (low, high) of search + confirmation
         return self.search_s[0] + self.confirm_s[0], self.search_s[1] + self.confirm_s[1]
 
     def line(self) -> str:
@@ -131,8 +118,7 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 86400:.2g} d"
 
 
-# --------------------------------------------------------------------------------------------
-# data shape and split sizes, without reading or writing data files
+# data on disk and split sizes (nothing read unless all files are there, nothing written)
 
 
 def _leaves(name: str) -> list[DatasetInfo]:
@@ -141,7 +127,7 @@ def _leaves(name: str) -> list[DatasetInfo]:
     return [leaf for part in info.parts for leaf in _leaves(part)] if info.parts else [info]
 
 
-def _missing(cfg: RunConfig) -> list[DatasetInfo]:
+def _missing(cfg: RunConfig) -> list[DatasetInfo]:  # leaves with files absent from data.root
     root = Path(cfg.data.root).expanduser()
     return [leaf for leaf in _leaves(cfg.data.dataset) if not all((root / leaf.folder / f).is_file() for f in leaf.files)]
 
@@ -175,7 +161,6 @@ def split_sizes(cfg: RunConfig) -> tuple[int, int]:
     return (min(n_train, cfg.data.train_size) if cfg.data.train_size else n_train), n_val
 
 
-# --------------------------------------------------------------------------------------------
 # configurations
 
 
@@ -208,31 +193,28 @@ def _probe(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return min(times[1:])
 
 
-def build_choices(cfg: RunConfig, space: SearchSpace) -> list[ChoiceCost]:
-    """Build every choice of ``space`` once (see the module docstring, step 2), cheapest first.
+def _model(cfg: RunConfig, spec: ModelSpec) -> torch.nn.Module:
+    info = get_dataset_info(cfg.data.dataset)
+    torch.manual_seed(0)
+    return model_from_spec(cfg.model.name, spec, in_channels=info.in_channels, num_classes=info.num_classes,
+                           **cfg.model.kwargs)
 
-    Raises:
-        ConfigError-like errors of the layers themselves propagate (a choice that cannot run).
-    """
+
+def build_choices(cfg: RunConfig, space: SearchSpace) -> list[ChoiceCost]:
+    """Build and run every choice of ``space`` once (module docstring, step 2); cheapest first."""
     info = get_dataset_info(cfg.data.dataset)
     x = torch.randn(PROBE_BATCH, info.in_channels, *info.image_size)
     y = torch.randint(0, info.num_classes, (PROBE_BATCH,))
     labels = list(dict.fromkeys(c.label for d in space.decisions for c in d.choices)) or ["<default>"]
-    costs = []
-    for label in labels:
-        spec = config_for(space, label, largest=True, loss=False)
-        torch.manual_seed(0)
-        model = model_from_spec(cfg.model.name, spec, in_channels=info.in_channels,
-                                num_classes=info.num_classes, **cfg.model.kwargs)
-        costs.append(ChoiceCost(label, _probe(model, x, y)))
+    costs = [ChoiceCost(label, _probe(_model(cfg, config_for(space, label, largest=True, loss=False)), x, y))
+             for label in labels]
     return sorted(costs, key=lambda c: c.seconds)
 
 
 def _threads(cfg: RunConfig) -> Optional[int]:
     """Threads a trial gets: ``train.threads``, else a Ray trial's CPUs (Ray sets OMP_NUM_THREADS)."""
-    if cfg.train.threads is None and cfg.search.backend == "ray":
-        return max(1, int(cfg.search.ray.cpus_per_trial))
-    return cfg.train.threads
+    ray = cfg.train.threads is None and cfg.search.backend == "ray"
+    return max(1, int(cfg.search.ray.cpus_per_trial)) if ray else cfg.train.threads
 
 
 def time_config(cfg: RunConfig, spec: ModelSpec, name: str, steps: int) -> Timing:
@@ -248,11 +230,8 @@ def time_config(cfg: RunConfig, spec: ModelSpec, name: str, steps: int) -> Timin
     train = TensorLoader(split, tc.batch_size, shuffle=True, augment=cfg.data.augment, seed=0, **norm)
     n_eval = min(tc.eval_batch_size, n)
     val = TensorLoader(TensorSplit(split.x[:n_eval], split.y[:n_eval]), n_eval, shuffle=False, augment=None, **norm)
-    torch.manual_seed(0)
-    model = model_from_spec(cfg.model.name, spec, in_channels=info.in_channels, num_classes=info.num_classes,
-                            **cfg.model.kwargs)
     run_cfg = tc.model_copy(update={"epochs": 1, "steps_per_epoch": steps, "compile": False, "threads": _threads(cfg)})
-    trainer = Trainer(model, run_cfg, std_loss_layers=spec.std_loss_layers, std_loss_weight=spec.std_loss_weight,
+    trainer = Trainer(_model(cfg, spec), run_cfg, std_loss_layers=spec.std_loss_layers, std_loss_weight=spec.std_loss_weight,
                       device=device)
     fit = trainer.fit(train, val)
     t0 = time.perf_counter()
@@ -260,15 +239,12 @@ def time_config(cfg: RunConfig, spec: ModelSpec, name: str, steps: int) -> Timin
     return Timing(name, spec, fit.step_time_s, (time.perf_counter() - t0) / n_eval)
 
 
-# --------------------------------------------------------------------------------------------
 # the arithmetic
 
 
 def successive_halving_epochs(epochs: int, grace: float, factor: float) -> float:
-    """Expected epochs per trial under successive halving (Li et al., *A System for Massively
-    Parallel Hyperparameter Tuning*, ASHA): every trial runs ``grace`` epochs, a fraction
-    ``1/factor`` of those reaching a rung goes on to the next (rungs at ``grace * factor**k``
-    epochs), the last fraction to ``epochs``."""
+    """Expected epochs per trial under successive halving (Li et al. 2020, ASHA): every trial runs
+    ``grace`` epochs, ``1/factor`` of those at a rung (``grace * factor**k`` epochs) go on to the next."""
     rungs = [grace]
     while rungs[-1] * factor < epochs:
         rungs.append(rungs[-1] * factor)
@@ -320,19 +296,17 @@ def concurrency(cfg: RunConfig, notes: list[str]) -> int:
     return max(1, min(n, s.n_trials))
 
 
-def _waves(runs: int, concurrent: int) -> int:
-    return math.ceil(runs / concurrent)
-
-
 def estimate(cfg: RunConfig, timings: tuple[Timing, Timing]) -> Estimate:
     """The study's wall time from the cheapest and most expensive :class:`Timing` (module docstring, step 4)."""
     notes: list[str] = []
     n_train, n_val = split_sizes(cfg)
-    steps = math.ceil(n_train / cfg.train.batch_size)
-    steps = min(cfg.train.steps_per_epoch or steps, steps)
-    # sorted: on a busy machine the "cheapest" configuration can time slower than the dearest
-    epoch_s = tuple(sorted(steps * t.step_s + n_val * t.eval_s_per_image for t in timings))
-    timings = tuple(sorted(timings, key=lambda t: steps * t.step_s + n_val * t.eval_s_per_image))
+    steps = min(cfg.train.steps_per_epoch or math.inf, math.ceil(n_train / cfg.train.batch_size))
+
+    def cost(t: Timing) -> float:
+        return steps * t.step_s + n_val * t.eval_s_per_image
+
+    timings = tuple(sorted(timings, key=cost))  # on a busy machine "cheapest" can time slower
+    epoch_s = (cost(timings[0]), cost(timings[1]))
     s, e = cfg.search, cfg.train.epochs
     conc = concurrency(cfg, notes)
     if s.backend == "enas":
@@ -355,19 +329,18 @@ def estimate(cfg: RunConfig, timings: tuple[Timing, Timing]) -> Estimate:
     if cfg.final.confirm:
         runs = (cfg.final.top_k + len(s.references)) * cfg.final.seeds
         c_epochs = cfg.final.epochs or e
-        confirm_s = tuple(_waves(runs, conc) * c_epochs * es for es in epoch_s)
+        confirm_s = tuple(math.ceil(runs / conc) * c_epochs * es for es in epoch_s)
         confirm = f"confirmation included: {runs} runs x {c_epochs} epochs ({format_duration(confirm_s[1])} at most)"
     device = resolve_device(cfg.train.device).type
     return Estimate(s.n_trials, e, conc, device, epoch_s, search, confirm_s, schedule, confirm, notes)
 
 
-# --------------------------------------------------------------------------------------------
 # entry points
 
 
 @dataclass
 class CheckResult:
-    """What :func:`check` found: the resolved space, every choice's cost, the two timings, the estimate."""
+    """What :func:`check` found: the resolved space, every choice's cost, two timings, the estimate."""
 
     space: SearchSpace
     choices: list[ChoiceCost]
@@ -377,11 +350,7 @@ class CheckResult:
 
 def resolve_space(cfg: RunConfig) -> SearchSpace:
     """The space resolved against the model's slots (shapes from the dataset registry; no data read).
-
-    Raises:
-        ConfigError: invalid space (a pattern matching nothing, a choice that cannot be built, a
-            float range under ENAS).
-    """
+    Raises ConfigError: a pattern matching nothing, a choice that cannot be built, ENAS float ranges."""
     info = get_dataset_info(cfg.data.dataset)
     model = create_model(cfg.model.name, in_channels=info.in_channels, num_classes=info.num_classes, **cfg.model.kwargs)
     space = SearchSpace.from_config(cfg.space, find_norm_slots(model), cfg.model.name)
@@ -407,8 +376,8 @@ def check(cfg: RunConfig, steps: int = 4) -> CheckResult:
         raise ValueError(f"steps must be >= 3 (2 are warm-up), got {steps}")
     try:
         resolve_device(cfg.train.device)
-    except ValueError as err:
-        raise ConfigError(f"train.device: {err}") from None
+    except ValueError as err:  # "device: ..." -> "train.device: ..."
+        raise ConfigError(f"train.{err}") from None
     space = resolve_space(cfg)
     threads = torch.get_num_threads()
     try:
@@ -420,10 +389,8 @@ def check(cfg: RunConfig, steps: int = 4) -> CheckResult:
         timings = (time_config(cfg, cheap, "cheapest", steps), time_config(cfg, dear, "most expensive", steps))
     finally:
         torch.set_num_threads(threads)
-    note = data_note(cfg)
     est = estimate(cfg, timings)
-    if note:
-        est.notes.insert(0, note)
+    est.notes[:0] = [note for note in [data_note(cfg)] if note]
     return CheckResult(space, choices, timings, est)
 
 
