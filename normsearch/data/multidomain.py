@@ -91,12 +91,9 @@ def invert_half(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     Returns:
         ``(x_mixed uint8 (N, C, H, W), inverted bool (N,))``.
     """
-    by_class = torch.sort(y, stable=True).indices
-    counts = torch.bincount(y)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(y)
-    rank[by_class] = torch.arange(len(y)) - starts[y[by_class]]  # position within its class, file order
-    inverted = rank % 2 == 1
+    inverted = torch.zeros(len(y), dtype=torch.bool)
+    for c in torch.unique(y):
+        inverted[torch.nonzero(y == c).flatten()[1::2]] = True  # 2nd, 4th, ... image of class c
     out = x.clone()
     out[inverted] = 255 - out[inverted]
     return out, inverted
