@@ -46,8 +46,7 @@ TRAIN_IMAGES = {"fashion_mnist": 60000, "mnist": 60000, "cifar10": 50000, "cifar
 MEDIAN_STARTUP_TRIALS, MEDIAN_WARMUP_STEPS = 2, 1
 #: Optuna's ``HyperbandPruner`` reduction factor (its default; ``make_pruner`` keeps it).
 HYPERBAND_REDUCTION = 3.0
-#: Images per forward/backward pass when building every choice.
-PROBE_BATCH = 8
+PROBE_BATCH = 8  #: images per forward/backward pass when building every choice
 
 
 class ChoiceCost(NamedTuple):
@@ -101,10 +100,10 @@ class Estimate:
     def line(self) -> str:
         """One line, e.g. ``64 trials x 160 epochs, 4 at a time: 9.5 h to 31 h on this machine (cpu); ...``."""
         lo, hi = self.total_s
-        text = (f"{self.trials} trials x {self.epochs} epochs, {self.concurrent} at a time: "
+        return (f"{self.trials} trials x {self.epochs} epochs, {self.concurrent} at a time: "
                 f"{format_duration(lo)} to {format_duration(hi)} on this machine ({self.device}); "
-                f"a trial-epoch takes {self.epoch_s[0]:.3g}-{self.epoch_s[1]:.3g} s; {self.schedule}")
-        return text + (f"; {self.confirm}" if self.confirm else "")
+                f"a trial-epoch takes {_num(self.epoch_s[0])}-{_num(self.epoch_s[1])} s; {self.schedule}"
+                + (f"; {self.confirm}" if self.confirm else ""))
 
 
 def format_duration(seconds: float) -> str:
@@ -114,8 +113,12 @@ def format_duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     if seconds < 172800:
-        return f"{seconds / 3600:.2g} h" if seconds < 36000 else f"{seconds / 3600:.0f} h"
-    return f"{seconds / 86400:.2g} d"
+        return f"{_num(seconds / 3600)} h"
+    return f"{_num(seconds / 86400)} d"
+
+
+def _num(x: float) -> str:  # 2 significant digits below 10 (9.5), whole numbers above (31, 190)
+    return f"{x:.2g}" if x < 10 else f"{x:.0f}"
 
 
 # data on disk and split sizes (nothing read unless all files are there, nothing written)
@@ -129,7 +132,8 @@ def _leaves(name: str) -> list[DatasetInfo]:
 
 def _missing(cfg: RunConfig) -> list[DatasetInfo]:  # leaves with files absent from data.root
     root = Path(cfg.data.root).expanduser()
-    return [leaf for leaf in _leaves(cfg.data.dataset) if not all((root / leaf.folder / f).is_file() for f in leaf.files)]
+    return [leaf for leaf in _leaves(cfg.data.dataset)
+            if not all((root / leaf.folder / f).is_file() for f in leaf.files)]
 
 
 def data_note(cfg: RunConfig) -> Optional[str]:
@@ -277,18 +281,15 @@ def trial_epochs(cfg: RunConfig) -> tuple[float, float, str]:
 
 def concurrency(cfg: RunConfig, notes: list[str]) -> int:
     """Trials at once: ray ``floor(cpus / cpus_per_trial)`` (and GPUs / ``gpus_per_trial``), others 1."""
-    s = cfg.search
+    s, rc = cfg.search, cfg.search.ray
     if s.backend != "ray":
         return 1
-    rc = s.ray
     n = max(1, math.floor((os.cpu_count() or 1) / rc.cpus_per_trial))
     if rc.gpus_per_trial > 0:
-        gpus = torch.cuda.device_count()
-        if gpus == 0:
+        if not torch.cuda.device_count():
             notes.append(f"search.ray.gpus_per_trial is {rc.gpus_per_trial:g} but this machine has no GPU: Ray will not "
                          f"start such trials here; counted as one GPU, timed on the CPU")
-            gpus = 1
-        n = min(n, max(1, math.floor(gpus / rc.gpus_per_trial)))
+        n = min(n, max(1, math.floor((torch.cuda.device_count() or 1) / rc.gpus_per_trial)))
     if rc.max_concurrent_trials:
         n = min(n, rc.max_concurrent_trials)
     if rc.address:
@@ -310,12 +311,11 @@ def estimate(cfg: RunConfig, timings: tuple[Timing, Timing]) -> Estimate:
     s, e = cfg.search, cfg.train.epochs
     conc = concurrency(cfg, notes)
     if s.backend == "enas":
-        ec = s.enas
-        supernet_epochs = ec.epochs or e
-        retrained = ec.top_k_retrain or s.n_trials
-        reward_images = ec.recalibration_batches * cfg.train.batch_size + (ec.reward_batch_size or cfg.train.batch_size)
+        ec, bs = s.enas, cfg.train.batch_size
+        supernet_epochs, retrained = ec.epochs or e, ec.top_k_retrain or s.n_trials
+        reward_images = ec.recalibration_batches * bs + (ec.reward_batch_size or bs)  # per child rewarded
         controller = ec.controller_steps_per_epoch * ec.controller_batch * reward_images
-        scoring = (ec.num_final_samples + 1) * (ec.recalibration_batches * cfg.train.batch_size + n_val)
+        scoring = (ec.num_final_samples + 1) * (ec.recalibration_batches * bs + n_val)
         search = tuple(supernet_epochs * (es + controller * t.eval_s_per_image) + scoring * t.eval_s_per_image
                        + retrained * e * es for es, t in zip(epoch_s, timings))
         schedule = f"ENAS: {supernet_epochs} supernet epochs, then {retrained} children retrained for {e} epochs"
@@ -365,8 +365,7 @@ def check(cfg: RunConfig, steps: int = 4) -> CheckResult:
     """Validate ``cfg``, build every choice, time the cheapest and most expensive configuration.
 
     Args:
-        cfg: the run configuration.
-        steps: training steps timed per configuration (the first 2 are warm-up), >= 3.
+        cfg: the run configuration; steps: training steps timed per configuration (2 warm-up), >= 3.
 
     Raises:
         ConfigError: invalid configuration or space (one line naming the key path).

@@ -107,8 +107,8 @@ def test_estimate_arithmetic(tmp_path, monkeypatch):
 
 
 def test_format_duration():
-    assert [est.format_duration(s) for s in (42, 720, 9.5 * 3600, 31 * 3600, 3 * 86400)] == \
-        ["42 s", "12 min", "9.5 h", "31 h", "3 d"]
+    assert [est.format_duration(s) for s in (42, 720, 9.5 * 3600, 31 * 3600, 3 * 86400, 190 * 86400)] == \
+        ["42 s", "12 min", "9.5 h", "31 h", "3 d", "190 d"]
 
 
 def test_config_for_picks_the_label_everywhere_at_its_ends(tmp_path):
