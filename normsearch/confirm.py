@@ -90,15 +90,20 @@ class Confirmed:
 # references
 
 
-def reference_params(cfg: RunConfig, space: SearchSpace) -> dict[str, dict[str, Any]]:
+def reference_params(cfg: RunConfig, space: SearchSpace, notes: Optional[list[str]] = None) -> dict[str, dict[str, Any]]:
     """``{name: params}`` of every reference arm in ``search.references``.
 
+    When ``search.references`` is not given in the configuration, its default (``[batchnorm]``)
+    applies only where the space offers it in every searched slot; otherwise the run goes on without
+    that reference and a line saying so is appended to ``notes``.
+
     Raises:
-        ConfigError: an unknown normalizer name, a duplicate, or a reference that some selected
-            slot does not offer (``search.references[i]: ...``, naming the slot).
+        ConfigError: an unknown normalizer name, a duplicate, or a reference given explicitly that
+            some selected slot does not offer (``search.references[i]: ...``, naming the slot).
     """
     from .norms import list_norms
 
+    explicit = "references" in cfg.search.model_fields_set
     out: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(cfg.search.references):
         path = f"search.references[{i}]"
@@ -109,7 +114,11 @@ def reference_params(cfg: RunConfig, space: SearchSpace) -> dict[str, dict[str, 
         try:
             out[name] = space.uniform_params(name)
         except ValueError as err:
-            raise ConfigError(f"{path}: reference {name!r} is not allowed here: {err}") from None
+            if explicit:
+                raise ConfigError(f"{path}: reference {name!r} is not allowed here: {err}") from None
+            if notes is not None:
+                notes.append(f"search.references: the default reference {name!r} is left out because {err}; "
+                             "set search.references to a normalizer every slot offers, or [] for none")
     return out
 
 

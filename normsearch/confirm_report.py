@@ -100,7 +100,9 @@ def plot_proxy_fidelity(result: Mapping[str, Any], path: Path) -> Optional[Path]
 
     fid = result.get("proxy_fidelity") or {}
     metric = fid.get("metric", "test_acc_mean")
-    pts = [r for r in result["confirmation"] if r.get("search_score") is not None and r.get(metric) is not None]
+    source = fid.get("score_source", "trial")
+    pts = [r for r in result["confirmation"] if r.get("search_score") is not None and r.get(metric) is not None
+           and r.get("score_source", "trial") == source]
     if len(pts) < 2:
         return None
     fig, grid = _figure(6, 4.5)
@@ -118,7 +120,8 @@ def plot_proxy_fidelity(result: Mapping[str, Any], path: Path) -> Optional[Path]
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
     ax.set_title(f"Kendall tau {show(tau)}, Spearman rho {show(rho)}, n = {fid.get('n', len(pts))}")
-    ax.set_xlabel("search score (%): the value that ranked it in the search")
+    ax.set_xlabel("search score (%): " + ("ENAS supernet accuracy" if source == "supernet" else
+                                          "the trial's last reported validation accuracy"))
     ax.set_ylabel(f"confirmed mean {'test' if metric.startswith('test') else 'validation'} accuracy (%)")
     return _save(fig, path)
 

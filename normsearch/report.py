@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from . import confirm_report, introspect, plots
 from ._document import Block, duration, images, number, pct, render_html, render_markdown
 from .config import RunConfig
+from .stats import fmt_acc
 from .norms import get_norm_entry, list_norms
 from .study import (
     ATTR_BACKEND, ATTR_IMAGES_PER_S, ATTR_NUM_PARAMETERS, ATTR_SPEC, ATTR_STEP_TIME, ATTR_VAL_CURVE, load_study,
@@ -240,8 +241,22 @@ def _safe_url(url: str) -> str:
         return url
 
 
+def _split_size(run: Run, split: str) -> Optional[int]:
+    """Images in the ``val``/``test`` split, from ``summary.json`` (``None`` if unknown)."""
+    try:
+        return int(json.loads((run.run_dir / "summary.json").read_text())[f"{split}_size"]) or None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _acc_text(run: Run, value: Optional[float], split: str) -> str:
+    """An accuracy with its binomial standard error on the split's images, when known."""
+    n = _split_size(run, split)
+    return pct(value) if value is None or n is None else fmt_acc(value, n)
+
+
 def _objective_text(run: Run, i: int, value: Optional[float]) -> str:
-    return pct(value) if i == 0 else ("-" if value is None else f"{value:.4g}")
+    return _acc_text(run, value, "val") if i == 0 else ("-" if value is None else f"{value:.4g}")
 
 
 def header_facts(run: Run) -> list[tuple[str, str]]:
@@ -261,10 +276,12 @@ def header_facts(run: Run) -> list[tuple[str, str]]:
     ]
     if run.ranked:
         best = run.ranked[0]
-        facts += [("best trial", str(best.number)), ("validation accuracy", pct(best.values[0]))]
-    if "best_test_acc" in attrs:
+        facts += [("best trial", str(best.number)), ("validation accuracy", _acc_text(run, best.values[0], "val"))]
+    if attrs.get("verdict"):
+        facts.append(("verdict", str(attrs["verdict"])))
+    elif "best_test_acc" in attrs:
         which = attrs.get("best_trial_number")
-        facts.append(("test accuracy", f"{pct(float(attrs['best_test_acc']))} (trial {which})"))
+        facts.append(("test accuracy", f"{_acc_text(run, float(attrs['best_test_acc']), 'test')} (trial {which})"))
     else:
         facts.append(("test accuracy", "not evaluated"))
     summary = run.run_dir / "summary.json"

@@ -8,6 +8,7 @@ leaves a half-written or altered study behind.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +176,10 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunSummary:
 
     t0 = time.monotonic()
     space = prepare(cfg)
-    references = confirm.reference_params(cfg, space)
+    notes: list[str] = []
+    references = confirm.reference_params(cfg, space, notes)
+    for note in notes:
+        print(f"normsearch: note: {note}", file=sys.stderr)
     backend = get_backend(cfg.search.backend)
     run_dir = cfg.resolved_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)

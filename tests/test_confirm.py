@@ -62,9 +62,21 @@ def test_reference_params_and_bad_references():
         confirm.reference_params(_cfg(search={"references": ["modenorm"]}), space)
     assert confirm.reference_params(_cfg(search={"references": []}), space) == {}
     stuck = _cfg(space={"layers": [{"choices": ["batchnorm"]}],
-                        "std_loss": {"weight": {"low": 0.01, "high": 0.1}, "allow_zero": False}})
+                        "std_loss": {"weight": {"low": 0.01, "high": 0.1}, "allow_zero": False}},
+                 search={"references": ["batchnorm"]})
     with pytest.raises(ConfigError, match="cannot be switched off"):
         confirm.reference_params(stuck, _space(stuck))
+
+
+def test_default_reference_is_left_out_where_the_space_does_not_offer_it():
+    no_bn = {"layers": [{"select": "all", "choices": ["groupnorm", "none"]}]}
+    cfg = _cfg(space=no_bn)
+    notes: list[str] = []
+    assert confirm.reference_params(cfg, _space(cfg), notes) == {}
+    assert len(notes) == 1 and "default reference 'batchnorm' is left out" in notes[0] and "'bn1'" in notes[0]
+    explicit = _cfg(space=no_bn, search={"references": ["batchnorm"]})
+    with pytest.raises(ConfigError, match=r"search\.references\[0\]: reference 'batchnorm' is not allowed here"):
+        confirm.reference_params(explicit, _space(explicit))
 
 
 def test_enqueue_references_is_idempotent():

@@ -132,9 +132,11 @@ space:
   layers:
     - choices: [batchnorm, {{kind: modenorm, num_components: [2, 3]}}, {{kind: groupnorm, num_groups: 2}}, {{kind: none, std_loss: true}}]
   std_loss: {{weight: {{low: 0.001, high: 0.1, log: true}}, select: []}}
+final: {{confirm: false}}  # these tests are about the ENAS stage; tests/test_confirm_e2e.py covers ENAS + confirmation
 search:
   backend: enas
   n_trials: 1
+  references: []
   enas: {{epochs: {epochs}, controller_steps_per_epoch: 3, controller_batch: 2, recalibration_batches: 1, num_final_samples: 3}}
 {extra}""")
     return path
