@@ -48,7 +48,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     }
     if search:
         cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update=search)})
-        cfg = type(cfg).model_validate(cfg.model_dump())  # re-validate overridden values
+        # re-validate overridden values; keys the file left out stay unset (defaults that adapt, like
+        # search.references, still know they were not given)
+        cfg = type(cfg).model_validate(cfg.model_dump(exclude_unset=True))
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by our progress lines
     preflight(cfg)  # bad values and missing data fail here, before the estimate's timing (data cached for the run)
     print(f"normsearch: {estimate_line(cfg)}", flush=True)
