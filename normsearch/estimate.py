@@ -234,7 +234,9 @@ def time_config(cfg: RunConfig, spec: ModelSpec, name: str, steps: int) -> Timin
     train = TensorLoader(split, tc.batch_size, shuffle=True, augment=cfg.data.augment, seed=0, **norm)
     n_eval = min(tc.eval_batch_size, n)
     val = TensorLoader(TensorSplit(split.x[:n_eval], split.y[:n_eval]), n_eval, shuffle=False, augment=None, **norm)
-    run_cfg = tc.model_copy(update={"epochs": 1, "steps_per_epoch": steps, "compile": False, "threads": _threads(cfg)})
+    # a tiny learning rate: random images must not make the loss diverge (a step costs the same)
+    run_cfg = tc.model_copy(update={"epochs": 1, "steps_per_epoch": steps, "compile": False, "threads": _threads(cfg),
+                                    "optimizer": tc.optimizer.model_copy(update={"lr": 1e-6})})
     trainer = Trainer(_model(cfg, spec), run_cfg, std_loss_layers=spec.std_loss_layers, std_loss_weight=spec.std_loss_weight,
                       device=device)
     fit = trainer.fit(train, val)
@@ -362,14 +364,12 @@ def resolve_space(cfg: RunConfig) -> SearchSpace:
 
 
 def check(cfg: RunConfig, steps: int = 4) -> CheckResult:
-    """Validate ``cfg``, build every choice, time the cheapest and most expensive configuration.
-
-    Args:
-        cfg: the run configuration; steps: training steps timed per configuration (2 warm-up), >= 3.
+    """Validate ``cfg``, build every choice, time ``steps`` (>= 3, 2 warm-up) training steps of the
+    cheapest and the most expensive configuration.
 
     Raises:
-        ConfigError: invalid configuration or space (one line naming the key path).
-        ValueError: ``steps`` < 3, or a device that does not exist.
+        ConfigError: invalid configuration, space or ``train.device`` (one line naming the key path).
+        ValueError: ``steps`` < 3.
     """
     if steps < 3:
         raise ValueError(f"steps must be >= 3 (2 are warm-up), got {steps}")
