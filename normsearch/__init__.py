@@ -10,7 +10,7 @@ Optuna) and the CLI starts fast:
 * the standardization loss (Collins et al.): :func:`standardization_loss`,
   :class:`StandardizationLossTap`;
 * configuration: :func:`load_config` (schema *and* registry names: :mod:`normsearch.preflight`),
-  :class:`RunConfig`, :class:`ConfigError`;
+  :class:`StudyConfig`, :class:`ConfigError`;
 * :func:`run`: the whole search described by a configuration (:mod:`normsearch.runner`).
 
 Example::
@@ -39,7 +39,7 @@ _EXPORTS = {
     "standardization_loss": "normsearch.norms",
     "StandardizationLossTap": "normsearch.norms",
     "load_config": "normsearch.preflight",
-    "RunConfig": "normsearch.config",
+    "StudyConfig": "normsearch.config",
     "ConfigError": "normsearch.config",
     "run": "normsearch.runner",
 }
@@ -63,7 +63,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real definitions
-    from .config import ConfigError, RunConfig
+    from .config import ConfigError, StudyConfig
     from .norms import (
         MixtureNorm2d,
         ModeGroupNorm2d,

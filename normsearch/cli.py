@@ -187,11 +187,11 @@ def _locate(msg: str, args: argparse.Namespace) -> str:
     """Put the config file in front of a message that starts with one of its key paths (checks made
     after loading, e.g. by ``runner.prepare``, know the key but not the file); ``--run-dir`` or
     ``--storage`` instead when that option set the value."""
-    from .config import RunConfig
+    from .config import StudyConfig
 
     key = msg.split(":", 1)[0]
     top = key.split(".", 1)[0].split("[", 1)[0]
-    if getattr(args, "config", None) is None or " " in key or top not in RunConfig.model_fields:
+    if getattr(args, "config", None) is None or " " in key or top not in StudyConfig.model_fields:
         return msg
     return f"{'--' + top.replace('_', '-') if getattr(args, top, None) else args.config}: {msg}"
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, StudyConfig
 from .space import SearchSpace
 from .spec import ModelSpec
 from .study import (
@@ -90,7 +90,7 @@ class Confirmed:
 # references
 
 
-def reference_params(cfg: RunConfig, space: SearchSpace, notes: Optional[list[str]] = None) -> dict[str, dict[str, Any]]:
+def reference_params(cfg: StudyConfig, space: SearchSpace, notes: Optional[list[str]] = None) -> dict[str, dict[str, Any]]:
     """``{name: params}`` of every reference arm in ``search.references``.
 
     When ``search.references`` is not given in the configuration, its default (``[batchnorm]``)
@@ -204,7 +204,7 @@ def select_candidates(study: optuna.Study, space: SearchSpace, references: Mappi
 # enqueueing and collecting the runs
 
 
-def confirm_seeds(cfg: RunConfig) -> list[int]:
+def confirm_seeds(cfg: StudyConfig) -> list[int]:
     """The seeds every confirmed configuration trains with (paired across configurations)."""
     return [cfg.seed + SEED_OFFSET + i for i in range(cfg.final.seeds)]
 
@@ -227,7 +227,7 @@ def _trial_key(t: FrozenTrial, by_number: Mapping[int, FrozenTrial]) -> Optional
     return _trial_key(origin, by_number) if origin is not None and origin is not t else None
 
 
-def enqueue_confirmation(study: optuna.Study, cfg: RunConfig, candidates: Sequence[Candidate]) -> int:
+def enqueue_confirmation(study: optuna.Study, cfg: StudyConfig, candidates: Sequence[Candidate]) -> int:
     """Enqueue one ``stage: confirm`` trial per candidate and seed that the study does not hold yet
     (in any state: a run that failed on its own is reported, not retried; one cut off by a kill is
     retried by ``recover_interrupted``). Returns how many were enqueued."""
@@ -251,7 +251,7 @@ def enqueue_confirmation(study: optuna.Study, cfg: RunConfig, candidates: Sequen
     return added
 
 
-def evaluate_tests(study: optuna.Study, cfg: RunConfig,
+def evaluate_tests(study: optuna.Study, cfg: StudyConfig,
                    evaluate: Callable[[Path], float], on_done: Callable[[int, float], None] | None = None) -> dict[int, float]:
     """Test accuracy of every COMPLETE confirmation trial whose weights are on disk.
 
@@ -271,7 +271,7 @@ def evaluate_tests(study: optuna.Study, cfg: RunConfig,
     return done
 
 
-def collect(study: optuna.Study, cfg: RunConfig, candidates: Sequence[Candidate]) -> list[Confirmed]:
+def collect(study: optuna.Study, cfg: StudyConfig, candidates: Sequence[Candidate]) -> list[Confirmed]:
     """Each candidate's finished confirmation runs, in seed order."""
     tests = {int(k): float(v) for k, v in study.user_attrs.get(STUDY_ATTR_TEST_ACC, {}).items()}
     by_key: dict[str, FrozenTrial] = {}

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, StudyConfig
 from .data import DEBIAN_FASHION_MNIST_DIR, DatasetInfo, TensorLoader, TensorSplit, get_dataset_info, read_raw
 from .models import create_model
 from .space import Categorical, Domain, Range, SearchSpace
@@ -130,13 +130,13 @@ def _leaves(name: str) -> list[DatasetInfo]:
     return [leaf for part in info.parts for leaf in _leaves(part)] if info.parts else [info]
 
 
-def _missing(cfg: RunConfig) -> list[DatasetInfo]:  # leaves with files absent from data.root
+def _missing(cfg: StudyConfig) -> list[DatasetInfo]:  # leaves with files absent from data.root
     root = Path(cfg.data.root).expanduser()
     return [leaf for leaf in _leaves(cfg.data.dataset)
             if not all((root / leaf.folder / f).is_file() for f in leaf.files)]
 
 
-def data_note(cfg: RunConfig) -> Optional[str]:
+def data_note(cfg: StudyConfig) -> Optional[str]:
     """``None`` if the dataset's files are in ``data.root`` (or Debian's Fashion-MNIST is
     installed), else one line saying where they are expected and how to get them."""
     root = Path(cfg.data.root).expanduser()
@@ -150,7 +150,7 @@ def data_note(cfg: RunConfig) -> Optional[str]:
     return f"{cfg.data.dataset} is not on disk yet ({where}): {how}"
 
 
-def split_sizes(cfg: RunConfig) -> tuple[int, int]:
+def split_sizes(cfg: StudyConfig) -> tuple[int, int]:
     """(training, validation) images per epoch, as :func:`normsearch.data.load_data` splits them.
 
     Counts the files' images when they are all in ``data.root`` (reading them writes nothing),
@@ -197,14 +197,14 @@ def _probe(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return min(times[1:])
 
 
-def _model(cfg: RunConfig, spec: ModelSpec) -> torch.nn.Module:
+def _model(cfg: StudyConfig, spec: ModelSpec) -> torch.nn.Module:
     info = get_dataset_info(cfg.data.dataset)
     torch.manual_seed(0)
     return model_from_spec(cfg.model.name, spec, in_channels=info.in_channels, num_classes=info.num_classes,
                            **cfg.model.kwargs)
 
 
-def build_choices(cfg: RunConfig, space: SearchSpace) -> list[ChoiceCost]:
+def build_choices(cfg: StudyConfig, space: SearchSpace) -> list[ChoiceCost]:
     """Build and run every choice of ``space`` once (module docstring, step 2); cheapest first."""
     info = get_dataset_info(cfg.data.dataset)
     x = torch.randn(PROBE_BATCH, info.in_channels, *info.image_size)
@@ -215,13 +215,13 @@ def build_choices(cfg: RunConfig, space: SearchSpace) -> list[ChoiceCost]:
     return sorted(costs, key=lambda c: c.seconds)
 
 
-def _threads(cfg: RunConfig) -> Optional[int]:
+def _threads(cfg: StudyConfig) -> Optional[int]:
     """Threads a trial gets: ``train.threads``, else a Ray trial's CPUs (Ray sets OMP_NUM_THREADS)."""
     ray = cfg.train.threads is None and cfg.search.backend == "ray"
     return max(1, int(cfg.search.ray.cpus_per_trial)) if ray else cfg.train.threads
 
 
-def time_config(cfg: RunConfig, spec: ModelSpec, name: str, steps: int) -> Timing:
+def time_config(cfg: StudyConfig, spec: ModelSpec, name: str, steps: int) -> Timing:
     """Time ``steps`` training steps and one evaluation batch of ``spec`` (module docstring, step 3)."""
     info = get_dataset_info(cfg.data.dataset)
     tc = cfg.train
@@ -263,7 +263,7 @@ def successive_halving_epochs(epochs: int, grace: float, factor: float) -> float
     return total
 
 
-def trial_epochs(cfg: RunConfig) -> tuple[float, float, str]:
+def trial_epochs(cfg: StudyConfig) -> tuple[float, float, str]:
     """(low, high) epochs per trial the search trains on average, and the schedule in words."""
     s, e = cfg.search, cfg.train.epochs
     if s.backend == "ray" and s.ray.scheduler == "asha":
@@ -281,7 +281,7 @@ def trial_epochs(cfg: RunConfig) -> tuple[float, float, str]:
     return float(e), float(e), "no early stopping"
 
 
-def concurrency(cfg: RunConfig, notes: list[str]) -> int:
+def concurrency(cfg: StudyConfig, notes: list[str]) -> int:
     """Trials at once: ray ``floor(cpus / cpus_per_trial)`` (and GPUs / ``gpus_per_trial``), others 1."""
     s, rc = cfg.search, cfg.search.ray
     if s.backend != "ray":
@@ -299,7 +299,7 @@ def concurrency(cfg: RunConfig, notes: list[str]) -> int:
     return max(1, min(n, s.n_trials))
 
 
-def estimate(cfg: RunConfig, timings: tuple[Timing, Timing]) -> Estimate:
+def estimate(cfg: StudyConfig, timings: tuple[Timing, Timing]) -> Estimate:
     """The study's wall time from the cheapest and most expensive :class:`Timing` (module docstring, step 4)."""
     notes: list[str] = []
     n_train, n_val = split_sizes(cfg)
@@ -350,7 +350,7 @@ class CheckResult:
     estimate: Estimate
 
 
-def resolve_space(cfg: RunConfig) -> SearchSpace:
+def resolve_space(cfg: StudyConfig) -> SearchSpace:
     """The space resolved against the model's slots (shapes from the dataset registry; no data read).
     Raises ConfigError: a pattern matching nothing, a choice that cannot be built, ENAS float ranges."""
     info = get_dataset_info(cfg.data.dataset)
@@ -363,7 +363,7 @@ def resolve_space(cfg: RunConfig) -> SearchSpace:
     return space
 
 
-def check(cfg: RunConfig, steps: int = 4) -> CheckResult:
+def check(cfg: StudyConfig, steps: int = 4) -> CheckResult:
     """Validate ``cfg``, build every choice, time ``steps`` (>= 3, 2 warm-up) training steps of the
     cheapest and the most expensive configuration.
 
@@ -393,7 +393,7 @@ def check(cfg: RunConfig, steps: int = 4) -> CheckResult:
     return CheckResult(space, choices, timings, est)
 
 
-def estimate_line(cfg: RunConfig, steps: int = 3) -> str:
+def estimate_line(cfg: StudyConfig, steps: int = 3) -> str:
     """``estimate: <Estimate.line()>`` for ``normsearch run``: the same measurement as :func:`check`
     with ``steps`` timed steps (3: one after the warm-up)."""
     return "estimate: " + check(cfg, steps).estimate.line()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import RunConfig
+from .config import StudyConfig
 from .norms import ModeGroupNorm2d, ModeNorm2d
 from .norms.switchable import collect_importance
 from .spec import ModelSpec
@@ -20,7 +20,7 @@ from .surgery import model_from_spec
 __all__ = ["collect_importance", "load_trial_model", "mode_gates", "validation_images"]
 
 
-def load_trial_model(cfg: RunConfig, path: Path, *, in_channels: int, num_classes: int) -> nn.Module:
+def load_trial_model(cfg: StudyConfig, path: Path, *, in_channels: int, num_classes: int) -> nn.Module:
     """Rebuild a trial's model from a weights file of ``normsearch.trial.save_weights`` (CPU, eval mode).
 
     Unlike ``normsearch.trial.load_weights`` this needs no data bundle, only the data's shape.
@@ -45,7 +45,7 @@ def load_trial_model(cfg: RunConfig, path: Path, *, in_channels: int, num_classe
     return model.eval()
 
 
-def validation_images(cfg: RunConfig, count: int) -> torch.Tensor:
+def validation_images(cfg: StudyConfig, count: int) -> torch.Tensor:
     """The first ``count`` validation images, normalized as in training: (N, C, H, W) float32.
 
     Raises:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, StudyConfig
 from .config import load_config as load_schema
 
 
@@ -27,7 +27,7 @@ def _fail(key: str, msg: str, source: Optional[str]) -> ConfigError:
     return ConfigError(f"{source + ': ' if source else ''}{key}: {msg}")
 
 
-def check_names(cfg: RunConfig, source: Optional[str] = None) -> RunConfig:
+def check_names(cfg: StudyConfig, source: Optional[str] = None) -> StudyConfig:
     """Check the registry names of ``cfg``; returns ``cfg`` unchanged.
 
     Args:
@@ -53,7 +53,7 @@ def check_names(cfg: RunConfig, source: Optional[str] = None) -> RunConfig:
     return cfg
 
 
-def load_config(path: Union[str, Path]) -> RunConfig:
+def load_config(path: Union[str, Path]) -> StudyConfig:
     """Read a run configuration YAML file and check it against the schema and the registries.
 
     Raises:
@@ -68,7 +68,7 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def check_outputs(cfg: RunConfig) -> None:
+def check_outputs(cfg: StudyConfig) -> None:
     """Check that the run directory can be made and the storage URL can be opened, without writing.
 
     The storage check parses the SQLAlchemy URL and loads its dialect and driver (``create_engine``
@@ -103,7 +103,7 @@ def check_outputs(cfg: RunConfig) -> None:
             raise _fail("storage", f"{url!r}: folder {folder} does not exist", None)
 
 
-def check_model(cfg: RunConfig, in_channels: int, image_size: tuple[int, int]) -> dict[str, int]:
+def check_model(cfg: StudyConfig, in_channels: int, image_size: tuple[int, int]) -> dict[str, int]:
     """Build the configured model for the data's shape and run it once on two blank images.
 
     Args:
@@ -138,7 +138,7 @@ def check_model(cfg: RunConfig, in_channels: int, image_size: tuple[int, int]) -
     return find_norm_slots(model)
 
 
-def preflight(cfg: RunConfig) -> dict[str, int]:
+def preflight(cfg: StudyConfig) -> dict[str, int]:
     """Every check ``normsearch run`` makes before writing (the search space itself excepted).
 
     In order: :func:`check_names`, ``train.device`` (:func:`normsearch.train.resolve_device`),

@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import confirm_report, introspect, plots
 from ._document import Block, duration, images, number, pct, render_html, render_markdown
-from .config import RunConfig
+from .config import StudyConfig
 from .stats import fmt_acc
 from .norms import get_norm_entry, list_norms
 from .study import (
@@ -57,7 +57,7 @@ class Run:
     """
 
     run_dir: Path
-    cfg: RunConfig
+    cfg: StudyConfig
     study: optuna.Study
     trials: list[FrozenTrial]
     ranked: list[FrozenTrial]

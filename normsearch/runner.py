@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .config import ConfigError, RunConfig, dump_config
+from .config import ConfigError, StudyConfig, dump_config
 from .data import load_data
 from .search.progress import SearchProgress
 from .space import SearchSpace
@@ -47,7 +47,8 @@ class RunSummary:
 
     Attributes:
         best: the best search trials (``number``, ``val_acc``, ``layers``, ``spec``, ...).
-        test_acc: test accuracy of the best search trial's saved model (no confirmation stage).
+        test_acc: mean test accuracy of the best confirmed configuration over its seeds, or without a
+            confirmation stage the test accuracy of the best search trial's saved model.
         val_size, test_size: images in the validation and test splits (binomial standard errors).
         confirmation: :func:`normsearch.confirm.summarize`'s result (``confirmation``, ``best``,
             ``verdict``, ``proxy_fidelity``), or ``None`` without a confirmation stage.
@@ -80,7 +81,7 @@ class RunSummary:
         return out
 
 
-def prepare(cfg: RunConfig) -> SearchSpace:
+def prepare(cfg: StudyConfig) -> SearchSpace:
     """Check names, outputs, device, data, model and space; return the resolved space. Writes nothing.
 
     Raises:
@@ -114,7 +115,7 @@ def prepare(cfg: RunConfig) -> SearchSpace:
     return space
 
 
-def _build_cpu_kernels(cfg: RunConfig) -> None:
+def _build_cpu_kernels(cfg: StudyConfig) -> None:
     """Build the fused CPU kernels (:mod:`normsearch.norms._cpu_ext`, ~40 s once per machine) here,
     before the first trial, if trials run on the CPU and the space offers a layer that uses them."""
     from .norms import _cpu_ext
@@ -125,7 +126,7 @@ def _build_cpu_kernels(cfg: RunConfig) -> None:
         _cpu_ext.kernels()
 
 
-def _confirm(cfg: RunConfig, space: SearchSpace, references: dict[str, dict[str, Any]], backend: Any,
+def _confirm(cfg: StudyConfig, space: SearchSpace, references: dict[str, dict[str, Any]], backend: Any,
              summary: RunSummary, progress: bool) -> None:
     """The confirmation stage (``normsearch.confirm``): enqueue, run through the backend, test, summarize."""
     from . import confirm
@@ -155,10 +156,15 @@ def _confirm(cfg: RunConfig, space: SearchSpace, references: dict[str, dict[str,
     for key in ("kendall_tau", "spearman_rho", "n"):
         study.set_user_attr(f"proxy_fidelity_{key}", fid[key])
     study.set_user_attr("verdict", result["verdict"])
+    best = next((r for r in result["confirmation"] if r["label"] == result["best"]), None)
+    if best is not None and best.get("test_acc_mean") is not None:  # the answer's test figure, as without confirmation
+        summary.test_acc = best["test_acc_mean"]
+        study.set_user_attr("best_trial_number", best["source_trial"])
+        study.set_user_attr("best_test_acc", best["test_acc_mean"])
     summary.confirmation = result
 
 
-def run(cfg: RunConfig, *, progress: bool = True) -> RunSummary:
+def run(cfg: StudyConfig, *, progress: bool = True) -> RunSummary:
     """Run the whole study described by ``cfg``: search, confirmation, verdict; return its summary.
 
     1. Search stage: the reference arms (``search.references``) are enqueued as the first trials,

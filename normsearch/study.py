@@ -28,7 +28,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-from .config import RunConfig
+from .config import StudyConfig
 from .spec import ModelSpec
 
 ATTR_SPEC = "spec"
@@ -103,7 +103,7 @@ class NSGAIISampler(optuna.samplers.NSGAIISampler):
         self._thread_lock = threading.Lock()  # unused by Optuna versions without it
 
 
-def make_sampler(cfg: RunConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
     """The configured sampler, seeded with ``search.sampler_seed`` (default: the run seed)."""
     seed = cfg.search.sampler_seed if cfg.search.sampler_seed is not None else cfg.seed
     if cfg.search.sampler == "random":
@@ -115,7 +115,7 @@ def make_sampler(cfg: RunConfig) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
 
 
-def make_pruner(cfg: RunConfig) -> optuna.pruners.BasePruner:
+def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     """Median (after one epoch) or Hyperband over the epoch budget, or none."""
     if cfg.search.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
@@ -124,7 +124,7 @@ def make_pruner(cfg: RunConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_storage(cfg: RunConfig, heartbeat: bool = True) -> optuna.storages.RDBStorage:
+def open_storage(cfg: StudyConfig, heartbeat: bool = True) -> optuna.storages.RDBStorage:
     """The run's RDB storage (sqlite file in the run directory unless ``storage`` names a URL).
 
     With ``heartbeat`` the recorder (:class:`normsearch.search.recorder.TrialRecorder`) sends a
@@ -155,7 +155,7 @@ def open_storage(cfg: RunConfig, heartbeat: bool = True) -> optuna.storages.RDBS
     raise AssertionError("unreachable")
 
 
-def create_study(cfg: RunConfig, storage: Optional[optuna.storages.BaseStorage] = None) -> optuna.Study:
+def create_study(cfg: StudyConfig, storage: Optional[optuna.storages.BaseStorage] = None) -> optuna.Study:
     """Create (or load, when resuming) the run's study with the configured sampler and pruner.
 
     The objectives' names (``search.objectives``, e.g. ``["val_acc", "step_time_s"]``) are stored
@@ -192,7 +192,7 @@ class FailureLimit:
         return self._failed(study) - self._before >= self.limit
 
 
-def run_config(run_dir: Path) -> RunConfig:
+def run_config(run_dir: Path) -> StudyConfig:
     """The configuration a run directory was created with, pointed at where the directory is now.
 
     Raises:
@@ -211,7 +211,7 @@ def run_config(run_dir: Path) -> RunConfig:
     return cfg.model_copy(update={"run_dir": str(run_dir)})  # the study lives where the directory is now
 
 
-def load_study(cfg: RunConfig) -> optuna.Study:
+def load_study(cfg: StudyConfig) -> optuna.Study:
     """Open the run's existing study.
 
     Raises:
@@ -223,12 +223,12 @@ def load_study(cfg: RunConfig) -> optuna.Study:
         raise KeyError(f"no study {cfg.name!r} in {cfg.resolved_storage()}") from None
 
 
-def directions(cfg: RunConfig) -> list[str]:
+def directions(cfg: StudyConfig) -> list[str]:
     """Optuna directions of the configured objectives (accuracy up, costs down)."""
     return ["maximize" if m == METRIC else "minimize" for m in cfg.search.objectives]
 
 
-def objective_values(cfg: RunConfig, val_acc: float, attrs: Mapping[str, Any]) -> float | list[float]:
+def objective_values(cfg: StudyConfig, val_acc: float, attrs: Mapping[str, Any]) -> float | list[float]:
     """The value(s) to tell Optuna: accuracy alone, or accuracy and the configured cost."""
     if len(cfg.search.objectives) == 1:
         return val_acc

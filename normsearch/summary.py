@@ -48,7 +48,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         for i in range(rows):
             layers.add_row(*[cells[i + c * rows] if i + c * rows < len(cells) else "" for c in range(columns)])
         console.print(layers)
-    if summary.test_acc is not None:
+    if summary.test_acc is not None and not summary.confirmation:
         console.print(f"best trial {best['number']} on the test set: [bold]{fmt_acc(summary.test_acc, summary.test_size)}[/]"
                       " (one run; +- is the binomial standard error of the test set)")
     print_confirmation(summary, console)

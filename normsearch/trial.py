@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .config import RunConfig
+from .config import StudyConfig
 from .data import DataBundle, TensorLoader, load_data
 from .spec import ModelSpec
 from .surgery import count_parameters, find_norm_slots, model_from_spec
@@ -42,7 +42,7 @@ class TrialOutcome:
     weights_path: Optional[Path]
 
 
-def model_slots(cfg: RunConfig) -> dict[str, int]:
+def model_slots(cfg: StudyConfig) -> dict[str, int]:
     """Normalization slots (label -> num_features) of the configured model on the configured data.
 
     Only the data's shape is needed; it is read from the dataset registry without loading images
@@ -53,14 +53,14 @@ def model_slots(cfg: RunConfig) -> dict[str, int]:
     return find_norm_slots(model)
 
 
-def build_model(cfg: RunConfig, spec: ModelSpec, bundle: DataBundle) -> nn.Module:
+def build_model(cfg: StudyConfig, spec: ModelSpec, bundle: DataBundle) -> nn.Module:
     """The configured CNN with ``spec`` applied to its slots (on CPU, float32)."""
     return model_from_spec(
         cfg.model.name, spec, in_channels=bundle.in_channels, num_classes=bundle.num_classes, **cfg.model.kwargs
     )
 
 
-def make_loaders(cfg: RunConfig, bundle: DataBundle, device: torch.device, seed: int) -> tuple[TensorLoader, TensorLoader]:
+def make_loaders(cfg: StudyConfig, bundle: DataBundle, device: torch.device, seed: int) -> tuple[TensorLoader, TensorLoader]:
     """Training (shuffled, augmented) and validation loaders on ``device``."""
     common = dict(mean=bundle.mean, std=bundle.std, device=device)
     train = TensorLoader(
@@ -79,7 +79,7 @@ def save_weights(model: nn.Module, spec: ModelSpec, path: Path, **extra: Any) ->
     os.replace(tmp, path)
 
 
-def load_weights(cfg: RunConfig, path: Path, bundle: DataBundle) -> tuple[nn.Module, ModelSpec]:
+def load_weights(cfg: StudyConfig, path: Path, bundle: DataBundle) -> tuple[nn.Module, ModelSpec]:
     """Rebuild a trial's model from a file written by :func:`save_weights`."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     spec = ModelSpec.from_dict(payload["spec"])
@@ -108,7 +108,7 @@ def trial_device(setting: str) -> torch.device:
 
 
 def run_trial(
-    cfg: RunConfig,
+    cfg: StudyConfig,
     spec: ModelSpec,
     *,
     seed: int,
@@ -151,7 +151,7 @@ def run_trial(
     return TrialOutcome(fit, count_parameters(model), weights_path)
 
 
-def evaluate_weights(cfg: RunConfig, path: Path, split: str = "test") -> tuple[float, float]:
+def evaluate_weights(cfg: StudyConfig, path: Path, split: str = "test") -> tuple[float, float]:
     """(accuracy as a fraction, mean cross-entropy) of saved weights on a data split."""
     bundle = load_data(cfg.data)
     device = resolve_device(cfg.train.device)

@@ -47,7 +47,7 @@ from typing import Any
 
 import optuna
 
-from normsearch.config import RunConfig, parse_config
+from normsearch.config import StudyConfig, parse_config
 from normsearch.data import load_data
 from normsearch.runner import prepare, run
 from normsearch.study import load_study, ranked_trials, states_count, val_acc_of
@@ -82,7 +82,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def make_config(args: argparse.Namespace, name: str, run_dir: Path, search: dict[str, Any]) -> RunConfig:
+def make_config(args: argparse.Namespace, name: str, run_dir: Path, search: dict[str, Any]) -> StudyConfig:
     return parse_config({
         "name": name, "run_dir": str(run_dir), "seed": args.seed,
         "data": {"dataset": "fashion_mnist", "train_size": args.train_size, "val_size": args.val_size,
@@ -118,7 +118,7 @@ def optuna_search(args: argparse.Namespace, root: Path, sampler: str) -> dict[st
             "evaluated": sum(states.values()), "wall_s": wall}
 
 
-def enas_plan(cfg: RunConfig, per_epoch_s: float) -> tuple[float, float]:
+def enas_plan(cfg: StudyConfig, per_epoch_s: float) -> tuple[float, float]:
     """Estimated seconds of one supernet epoch and of the final scoring (see the module docstring)."""
     e, t = cfg.search.enas, cfg.train
     bundle = load_data(cfg.data)

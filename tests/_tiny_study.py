@@ -32,7 +32,8 @@ train: {{epochs: 1, batch_size: 64, optimizer: {{lr: 0.05}}, threads: 1}}
 space:
   layers:
     - choices: [batchnorm, {{kind: groupnorm, num_groups: 2}}, none]
-search: {{backend: optuna, n_trials: {n_trials}, sampler: random}}
+search: {{backend: optuna, n_trials: {n_trials}, sampler: random, references: []}}
+final: {{confirm: false}}
 """)
     return path
 

@@ -32,7 +32,8 @@ space:
   layers:
     - choices: [batchnorm, {{kind: modenorm, num_components: [2, 3]}}, {{kind: groupnorm, num_groups: 2}}, {{kind: none, std_loss: true}}]
   std_loss: {{weight: {{low: 0.001, high: 0.1, log: true}}}}
-search: {{backend: {backend}, n_trials: {n_trials}, sampler: random}}
+search: {{backend: {backend}, n_trials: {n_trials}, sampler: random, references: []}}
+final: {{confirm: false}}  # the confirmation stage: tests/test_confirm_e2e.py
 {extra}""")
     return path
 

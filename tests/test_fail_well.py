@@ -28,7 +28,8 @@ data: {{dataset: fashion_mnist, root: {tmp_path.parent / 'fmnist'}, train_size: 
 model: {{name: lenet}}
 train: {{epochs: 1, batch_size: 64, threads: 1, {train}}}
 space: {{layers: [{{{space}}}]}}
-search: {{backend: optuna, sampler: random, pruner: none, {search}}}
+search: {{backend: optuna, sampler: random, pruner: none, references: [], {search}}}
+final: {{confirm: false}}
 """)
     return path
 

@@ -276,7 +276,7 @@ space:
       choices: [{{kind: switchnorm, std_loss: true}}]
   std_loss: {{weight: {{low: 0.001, high: 0.1, log: true}}}}
 search: {{backend: optuna, n_trials: 4, sampler: random, pruner: none}}
-final: {{top_k: 3}}
+final: {{top_k: 3, confirm: false}}
 """)
     assert main(["run", str(cfg), "--quiet"]) == 0
     return root / "run"

@@ -29,7 +29,8 @@ data: {{dataset: fashion_mnist, root: {tmp_path.parent / 'fmnist'}, train_size: 
 model: {{name: lenet}}
 train: {{epochs: 3, batch_size: 64, threads: 1}}
 space: {{layers: [{{choices: [batchnorm, {{kind: groupnorm, num_groups: 2}}, {{kind: modenorm, num_components: [2, 3]}}]}}]}}
-search: {{backend: {backend}, n_trials: {N_TRIALS}, sampler: random, pruner: none{ray}}}
+search: {{backend: {backend}, n_trials: {N_TRIALS}, sampler: random, pruner: none, references: []{ray}}}
+final: {{confirm: false}}
 """)
     return path
 

@@ -1,6 +1,6 @@
 """Run configuration: pydantic models for every section of a search-space YAML file.
 
-``load_config(path)`` reads a YAML file and returns a validated :class:`RunConfig`; any problem
+``load_config(path)`` reads a YAML file and returns a validated :class:`StudyConfig`; any problem
 raises :class:`ConfigError` whose message is one line naming the YAML key path.
 """
 
@@ -11,6 +11,7 @@ from .run import (
     FinalConfig,
     RayConfig,
     RunConfig,
+    StudyConfig,
     SearchConfig,
     dump_config,
     format_validation_error,
@@ -33,7 +34,7 @@ from .sections import (
 
 __all__ = [
     "AugmentConfig", "ChoiceConfig", "ConfigError", "DataConfig", "EnasConfig", "FinalConfig", "LayerRuleConfig",
-    "ModelConfig", "OptimizerConfig", "RangeConfig", "RayConfig", "RunConfig", "ScheduleConfig", "SearchConfig",
+    "ModelConfig", "OptimizerConfig", "RangeConfig", "RayConfig", "StudyConfig", "ScheduleConfig", "SearchConfig",
     "SpaceConfig", "StdLossConfig", "TrainConfig", "dump_config", "format_validation_error", "load_config",
     "parse_config",
 ]

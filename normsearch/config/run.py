@@ -1,4 +1,4 @@
-"""The search and run sections, the whole ``RunConfig``, and loading it from YAML with key-path errors."""
+"""The search and run sections, the whole ``StudyConfig``, and loading it from YAML with key-path errors."""
 
 from __future__ import annotations
 
@@ -151,8 +151,12 @@ class FinalConfig(_Strict):
     evaluate_test: bool = True
 
 
-class RunConfig(_Strict):
-    """Everything ``normsearch run`` needs; one YAML file.
+class StudyConfig(_Strict):
+    """Everything ``normsearch run`` needs for one study; one YAML file.
+
+    (Named ``StudyConfig``, not ``RunConfig``, so it cannot be mistaken for Ray Tune's
+    ``tune.RunConfig``, which the Ray backend uses beside it. ``normsearch.config.RunConfig`` stays
+    importable as a deprecated alias.)
 
     Attributes:
         name: run and study name (default: the file's stem).
@@ -178,6 +182,10 @@ class RunConfig(_Strict):
         if self.storage:
             return self.storage
         return f"sqlite:///{self.resolved_run_dir().resolve() / 'study.db'}"
+
+
+#: Deprecated alias of :class:`StudyConfig` (the name it had before 0.2; kept for old imports).
+RunConfig = StudyConfig
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +222,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: {_loc_to_path(tuple(first['loc']))}: {msg}{more}"
 
 
-def parse_config(raw: Any, source: str = "<config>", default_name: str = "normsearch") -> RunConfig:
+def parse_config(raw: Any, source: str = "<config>", default_name: str = "normsearch") -> StudyConfig:
     """Validate an already-parsed YAML document.
 
     Raises:
@@ -225,12 +233,12 @@ def parse_config(raw: Any, source: str = "<config>", default_name: str = "normse
     raw = dict(raw)
     raw.setdefault("name", default_name)
     try:
-        return RunConfig.model_validate(raw)
+        return StudyConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-def load_config(path: Union[str, Path]) -> RunConfig:
+def load_config(path: Union[str, Path]) -> StudyConfig:
     """Read and validate a run configuration YAML file (UTF-8) against the schema.
 
     Registry names (``data.dataset``, ``model.name``, ``search.references``) are plain strings
@@ -264,6 +272,6 @@ def load_config(path: Union[str, Path]) -> RunConfig:
     return parse_config(raw, str(path), default_name=path.stem)
 
 
-def dump_config(cfg: RunConfig) -> str:
+def dump_config(cfg: StudyConfig) -> str:
     """YAML text of the fully resolved configuration (defaults filled in)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

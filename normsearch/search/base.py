@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 import optuna
 from optuna.trial import TrialState
 
-from ..config import RunConfig
+from ..config import StudyConfig
 from ..space import SearchSpace
 from ..study import FINISHED, search_trials
 from .progress import SearchProgress
@@ -46,7 +46,7 @@ class Backend(ABC):
     name: str = ""
 
     def search(
-        self, cfg: RunConfig, space: SearchSpace, progress: SearchProgress, recorder: Optional[TrialRecorder] = None,
+        self, cfg: StudyConfig, space: SearchSpace, progress: SearchProgress, recorder: Optional[TrialRecorder] = None,
     ) -> None:
         """Run the search stage until the study holds ``search.n_trials`` finished (COMPLETE or
         PRUNED) search-stage trials, or ``search.timeout_s`` / ``search.max_failures`` stop it.
@@ -55,7 +55,7 @@ class Backend(ABC):
             self.run_search(cfg, space, rec)
 
     def run_enqueued(
-        self, cfg: RunConfig, space: SearchSpace, progress: SearchProgress, recorder: Optional[TrialRecorder] = None,
+        self, cfg: StudyConfig, space: SearchSpace, progress: SearchProgress, recorder: Optional[TrialRecorder] = None,
     ) -> None:
         """Run every WAITING trial of the study to ``cfg.train.epochs``, with no pruning or early
         stopping, recorded like search trials (``search.max_failures`` still stops it)."""
@@ -63,7 +63,7 @@ class Backend(ABC):
             self.run_waiting(cfg, space, rec)
 
     @contextmanager
-    def _recording(self, cfg: RunConfig, progress: SearchProgress, recorder: Optional[TrialRecorder]) -> Iterator[TrialRecorder]:
+    def _recording(self, cfg: StudyConfig, progress: SearchProgress, recorder: Optional[TrialRecorder]) -> Iterator[TrialRecorder]:
         own = recorder is None
         rec = TrialRecorder(cfg, self.name, progress) if recorder is None else recorder
         try:
@@ -73,15 +73,15 @@ class Backend(ABC):
                 rec.close()
 
     @abstractmethod
-    def run_search(self, cfg: RunConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
+    def run_search(self, cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
         """The search stage (see :meth:`search`); its progress printer is ``recorder.progress``."""
 
     @abstractmethod
-    def run_waiting(self, cfg: RunConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
+    def run_waiting(self, cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
         """Run the WAITING trials (see :meth:`run_enqueued`)."""
 
 
-def run_one(cfg: RunConfig, space: SearchSpace, recorder: TrialRecorder, trial: optuna.Trial, prune: bool) -> str:
+def run_one(cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder, trial: optuna.Trial, prune: bool) -> str:
     """Train one asked trial in this process and record it from start to end.
 
     The spec is sampled (or, for an enqueued trial, replayed) with ``space.suggest``; with
@@ -124,13 +124,13 @@ def run_one(cfg: RunConfig, space: SearchSpace, recorder: TrialRecorder, trial: 
     )
 
 
-def _search_full(cfg: RunConfig, study: optuna.Study) -> bool:
+def _search_full(cfg: StudyConfig, study: optuna.Study) -> bool:
     # RUNNING counts too: a worker that finds n_trials - 1 finished while another worker's trial
     # runs stops instead of starting one more (which would overshoot n_trials)
     return len(search_trials(study, (*FINISHED, TrialState.RUNNING))) >= cfg.search.n_trials
 
 
-def run_in_process(cfg: RunConfig, space: SearchSpace, recorder: TrialRecorder, *, prune: bool, enqueued_only: bool) -> None:
+def run_in_process(cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder, *, prune: bool, enqueued_only: bool) -> None:
     """Ask, train and tell trials one after another in this process.
 
     Args:
@@ -158,5 +158,5 @@ def run_in_process(cfg: RunConfig, space: SearchSpace, recorder: TrialRecorder, 
 class InProcessBackend(Backend):
     """Trials run one by one in this process (the optuna backend; ENAS's retraining)."""
 
-    def run_waiting(self, cfg: RunConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
+    def run_waiting(self, cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
         run_in_process(cfg, space, recorder, prune=False, enqueued_only=True)

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import optuna
 import torch
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, StudyConfig
 from ..data import TensorLoader, load_data
 from ..norms.standardization import StandardizationLossTap
 from ..space import SearchSpace
@@ -57,7 +57,7 @@ _CHECKPOINT_VERSION = 1
 _TRAIN, _CHILDREN, _CONTROLLER, _RECAL, _VAL, _TORCH, _FINAL = range(7)
 
 
-def enas_dir(cfg: RunConfig) -> Path:
+def enas_dir(cfg: StudyConfig) -> Path:
     """Where the ENAS checkpoint, history and figure live: ``RUN_DIR/enas``."""
     return cfg.resolved_run_dir() / "enas"
 
@@ -84,7 +84,7 @@ class EnasSearch:
         ConfigError: the space has a float range among normalizer arguments.
     """
 
-    def __init__(self, cfg: RunConfig, space: SearchSpace):
+    def __init__(self, cfg: StudyConfig, space: SearchSpace):
         self.cfg, self.ecfg = cfg, cfg.search.enas
         self.espace = EnasSpace(space, cfg.space)
         self.bundle = load_data(cfg.data)
@@ -312,7 +312,7 @@ def _fit_schedule(search: EnasSearch, limit_s: float, epoch_s: float, progress: 
                         f"search.timeout_s={limit_s:g} s; the learning-rate schedule now spans {search.total_epochs}")
 
 
-def run_enas(cfg: RunConfig, space: SearchSpace, progress: SearchProgress, recorder: TrialRecorder) -> optuna.Study:
+def run_enas(cfg: StudyConfig, space: SearchSpace, progress: SearchProgress, recorder: TrialRecorder) -> optuna.Study:
     """Run (or resume) the ENAS search, then retrain its best children as trials of the study.
 
     Writes ``RUN_DIR/enas/checkpoint.pt`` (after every epoch), ``history.json`` (controller reward,

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import optuna
 
-from ..config import RunConfig
+from ..config import StudyConfig
 from ..space import SearchSpace
 from ..spec import ModelSpec
 from ..study import ATTR_BACKEND, ATTR_SPEC, ATTR_SUPERNET_ACC, spec_attrs, trial_spec
@@ -47,7 +47,7 @@ def enas_trial_specs(study: optuna.Study, backend: str = BACKEND) -> set[ModelSp
 
 
 def retrain_children(
-    cfg: RunConfig, space: SearchSpace, espace: EnasSpace, children: Sequence[Mapping[str, Any]],
+    cfg: StudyConfig, space: SearchSpace, espace: EnasSpace, children: Sequence[Mapping[str, Any]],
     recorder: TrialRecorder,
 ) -> optuna.Study:
     """Enqueue the best distinct children not yet in the study and train them, with every other
@@ -87,7 +87,7 @@ class EnasBackend(InProcessBackend):
     """ENAS: supernet + controller search (:func:`normsearch.search.enas.run_enas`), then its best
     children retrained from scratch as trials; confirmation runs in-process."""
 
-    def run_search(self, cfg: RunConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
+    def run_search(self, cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
         from . import enas  # looked up per call: the contract test replaces enas.run_enas
 
         enas.run_enas(cfg, space, recorder.progress, recorder)

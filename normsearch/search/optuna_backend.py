@@ -8,7 +8,7 @@ Several processes on one storage share the study: each runs trials until the stu
 
 from __future__ import annotations
 
-from ..config import RunConfig
+from ..config import StudyConfig
 from ..space import SearchSpace
 from .base import InProcessBackend, run_in_process
 from .recorder import TrialRecorder
@@ -19,7 +19,7 @@ __all__ = ["OptunaBackend"]
 class OptunaBackend(InProcessBackend):
     """In-process ask/train/tell loop with the study's sampler and pruner."""
 
-    def run_search(self, cfg: RunConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
+    def run_search(self, cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
         """Run trials here until ``search.n_trials`` search-stage trials have finished.
 
         Trials cut off by a kill or Ctrl-C in an earlier session, and any enqueued trial

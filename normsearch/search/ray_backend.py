@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..config import RunConfig
+from ..config import StudyConfig
 from ..space import SearchSpace
 from ..study import METRIC, count_finished, weights_path
 from .base import Backend
@@ -39,7 +39,7 @@ def ray_trainable(config: dict[str, Any], run_config: dict[str, Any], space: Sea
 
     Args:
         config: the trial's flat Optuna params plus ``NUMBER_KEY`` and ``SEED_KEY``.
-        run_config: the run configuration as JSON (``RunConfig.model_dump(mode="json")``).
+        run_config: the run configuration as JSON (``StudyConfig.model_dump(mode="json")``).
         space: the search space (decodes the params into a spec).
         run: the trial function, :func:`normsearch.trial.run_trial` or a stand-in with its signature.
 
@@ -51,7 +51,7 @@ def ray_trainable(config: dict[str, Any], run_config: dict[str, Any], space: Sea
     from ..surgery import count_parameters
     from .ray_searcher import NUMBER_KEY, SEED_KEY
 
-    cfg = RunConfig.model_validate(run_config)
+    cfg = StudyConfig.model_validate(run_config)
     if cfg.train.threads:
         import torch
 
@@ -90,7 +90,7 @@ def _start_ray(address: Optional[str]) -> Any:
     return ray
 
 
-def _worker_config(cfg: RunConfig) -> RunConfig:
+def _worker_config(cfg: StudyConfig) -> StudyConfig:
     """``cfg`` with absolute paths (Ray runs each trial in its own working directory) and, for a
     trial given a GPU, ``train.device: cuda``."""
     data = cfg.data.model_copy(update={"root": str(Path(cfg.data.root).expanduser().resolve())})
@@ -100,7 +100,7 @@ def _worker_config(cfg: RunConfig) -> RunConfig:
     return out
 
 
-def run_tune(cfg: RunConfig, space: SearchSpace, recorder: TrialRecorder, *, enqueued_only: bool) -> None:
+def run_tune(cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder, *, enqueued_only: bool) -> None:
     """Run rounds of Ray Tune trials, recorded through ``recorder``.
 
     Search stage (``enqueued_only=False``): Tune runs a fixed number of samples and failed trials
@@ -158,7 +158,7 @@ def run_tune(cfg: RunConfig, space: SearchSpace, recorder: TrialRecorder, *, enq
 class RayBackend(Backend):
     """Ray Tune (ASHA in the search, FIFO in the confirmation) over the run's Optuna study."""
 
-    def run_search(self, cfg: RunConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
+    def run_search(self, cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
         """Run the search stage on Ray; trials cut off in an earlier session are retried first.
 
         A driver killed mid-study leaves RUNNING trials that ``recorder.recover_interrupted()``
@@ -167,5 +167,5 @@ class RayBackend(Backend):
         recorder.recover_interrupted()
         run_tune(cfg, space, recorder, enqueued_only=False)
 
-    def run_waiting(self, cfg: RunConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
+    def run_waiting(self, cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
         run_tune(cfg, space, recorder, enqueued_only=True)

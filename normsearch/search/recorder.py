@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 import optuna
 from optuna.trial import TrialState
 
-from ..config import RunConfig
+from ..config import StudyConfig
 from ..spec import ModelSpec
 from ..study import (
     ATTR_FAIL_REASON,
@@ -138,7 +138,7 @@ class TrialRecorder:
         progress: terminal printer (``None`` = silent).
     """
 
-    def __init__(self, cfg: RunConfig, backend: str, progress: Optional[SearchProgress] = None):
+    def __init__(self, cfg: StudyConfig, backend: str, progress: Optional[SearchProgress] = None):
         self.cfg = cfg
         self.backend = backend
         self.progress = progress if progress is not None else SearchProgress(0, cfg.train.epochs, enabled=False)
