@@ -179,8 +179,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("channels_last_moments", &channels_last_moments, "per-(sample, channel) (var, mean) of a channels_last x");
   m.def("channels_last_sums", &channels_last_sums, "per-(sample, channel) (sum(g * x), sum(g))");
   m.def("channels_last_grad_input", &channels_last_grad_input, "g * scale + x * p + q per (sample, channel)");
-  m.def("mixture_sums", &mixture_sums, "(nu^T a, nu^T (a * b)) per (component, channel), optionally centred",
-        py::arg("a"), py::arg("nu"), py::arg("b") = py::none(), py::arg("centre") = py::none());
-  m.def("mixture_combine", &mixture_combine, "a * (nu sc) + nu e (+ b * (nu q)) per pixel row", py::arg("a"),
-        py::arg("nu"), py::arg("sc"), py::arg("e"), py::arg("b") = py::none(), py::arg("q") = py::none());
+  m.def("mixture_sums", &mixture_sums,
+        "(nu^T a, nu^T (a * b)) per (component, channel), optionally centred; rows or planes", py::arg("a"),
+        py::arg("nu"), py::arg("b") = py::none(), py::arg("centre") = py::none());
+  m.def("mixture_combine", &mixture_combine, "a * (nu sc) + nu e (+ b * (nu q)) per pixel, rows or planes",
+        py::arg("a"), py::arg("nu"), py::arg("sc"), py::arg("e"), py::arg("b") = py::none(),
+        py::arg("q") = py::none());
 }

@@ -56,16 +56,23 @@ def _spread(s: Tensor, nu: Tensor, cl: bool, out: Tensor | None = None, accumula
     return torch.bmm(weights, nu, out=out)
 
 
-def _rows(x: Tensor) -> Tensor:
-    """Contiguous channels-last pixels (N, L, C) as the (N*L, C) matrix the compiled loops take (a view)."""
-    return x.view(-1, x.shape[2])
+def _pixels(x: Tensor, cl: bool) -> Tensor:
+    """Contiguous pixels as the compiled loops take them (a view): channels-last (N, L, C) as the
+    (N*L, C) rows matrix, channels-first (N, C, L) as they are (planes)."""
+    return x.view(-1, x.shape[2]) if cl else x
+
+
+def _fused_nu(nu: Tensor, cl: bool) -> Tensor:
+    """Posteriors as the compiled loops take them: (K, N*L) component-major, or (N, K, L) planes."""
+    return _k_major(nu) if cl else nu
 
 
 def _fused(x: Tensor, nu: Tensor, cl: bool):
-    """The compiled CPU loops (``_cpu_mixture_kernels.cpp``) when they take these tensors: channels-last
-    float32/float64 CPU pixels, contiguous, posteriors stored component-major; else None."""
-    if not (cl and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
-            and nu.dtype == x.dtype and _k_major(nu).is_contiguous()):
+    """The compiled CPU loops (``_cpu_mixture_kernels.cpp``) when they take these tensors: contiguous
+    float32/float64 CPU pixels in either layout, posteriors of the same dtype stored component-major
+    (channels-last) or contiguous (channels-first); else None."""
+    if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
+            and nu.dtype == x.dtype and _fused_nu(nu, cl).is_contiguous()):
         return None
     return _cpu_ext.kernels()
 
@@ -157,7 +164,7 @@ class _MixtureNormalize(torch.autograd.Function):
     channel): ``dvar = -0.5 s (H - d G) / (var + eps)``, ``dE1 = (-s G - 2 E1 dvar) / mass``,
     ``dx = g (nu @ s) + nu @ dE1 + 2 x (nu @ (dvar / mass))``,
     ``dgamma = sum_k (s/gamma) (H - d G)``, ``dbeta = sum_k G``. Checked against autograd in the tests.
-    On channels-last float CPU input the moments and both full-size transforms run in the compiled
+    On float CPU input (either layout) the moments and both full-size transforms run in the compiled
     loops of ``_cpu_mixture_kernels.cpp`` (one pass each, nothing full-size saved but ``x``). Otherwise
     (:func:`_centred_moments`) the sums run over the K*K (component, assigned component) pairs, the
     full-size ``nu @ s`` of the forward is kept for the backward, and the backward builds ``dx``
@@ -170,7 +177,7 @@ class _MixtureNormalize(torch.autograd.Function):
         centre = centre.contiguous()
         fused = _fused(x, nu, cl)
         if fused is not None:  # one pass for both moments
-            sum_x, sum_sq = fused.mixture_sums(_rows(x), _k_major(nu), None, centre)
+            sum_x, sum_sq = fused.mixture_sums(_pixels(x, cl), _fused_nu(nu, cl), None, centre)
         else:
             sum_x, sum_sq = _centred_moments(x, nu, centre, cl)
         offset = sum_x / mass.unsqueeze(1)  # (K, C) E1 - c
@@ -183,7 +190,7 @@ class _MixtureNormalize(torch.autograd.Function):
         shift = s * mean if bias is None else s * mean - bias
         if fused is not None:  # the backward recomputes nu @ s per pixel instead of keeping it
             spread_s = None
-            y = fused.mixture_combine(_rows(x), _k_major(nu), s, -shift).view(x.shape)
+            y = fused.mixture_combine(_pixels(x, cl), _fused_nu(nu, cl), s, -shift).view(x.shape)
         else:
             spread_s = _spread(s, nu, cl)
             y = _spread(-shift, nu, cl).addcmul_(x, spread_s)
@@ -199,8 +206,8 @@ class _MixtureNormalize(torch.autograd.Function):
         cl = ctx.cl
         fused = _fused(x, nu, cl) if ctx.fused else None
         if fused is not None:
-            g_rows = _rows(grad_y.contiguous())
-            g_sum, gx_sum = fused.mixture_sums(g_rows, _k_major(nu), _rows(x), centre)  # G, H (K, C)
+            g_pix, x_pix, nu_pix = _pixels(grad_y.contiguous(), cl), _pixels(x, cl), _fused_nu(nu, cl)
+            g_sum, gx_sum = fused.mixture_sums(g_pix, nu_pix, x_pix, centre)  # G, H (K, C)
         else:
             k = centre.shape[0]
             assign = _assignment(nu, cl)
@@ -217,7 +224,7 @@ class _MixtureNormalize(torch.autograd.Function):
         d_e1 = (-s * g_sum - 2.0 * (centre + offset) * d_var) / mass.unsqueeze(1)
         q = 2.0 * d_var / mass.unsqueeze(1)
         if fused is not None:  # dx = g * (nu @ s) + nu @ dE1 + x * (nu @ q), one pass
-            grad_x = fused.mixture_combine(g_rows, _k_major(nu), s, d_e1, _rows(x), q).view(x.shape)
+            grad_x = fused.mixture_combine(g_pix, nu_pix, s, d_e1, x_pix, q).view(x.shape)
             return grad_x, None, None, None, grad_weight, grad_bias, None, None
         # dx = x * (nu @ q) + g * (nu @ s) + nu @ dE1, built in the buffer of (x - c_a) g.
         grad_x = _spread(q, nu, cl, out=xg).mul_(x).addcmul_(grad_y, spread_s)

@@ -80,6 +80,43 @@ def test_mixture_kernels_equal_float64_references(ext, points, channels, compone
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n, channels, components, length", [(3, 16, 3, 300), (2, 5, 2, 1024), (1, 1, 1, 1)])
+def test_mixture_kernels_on_nchw_planes_equal_float64_references(ext, n, channels, components, length, dtype):
+    # (N, C, L) pixels, (N, K, L) posteriors; 300 is not a multiple of the 256-pixel block. The pixels
+    # sit 1e3 from 0 with spread 1 and the sums are centred near the components (issue 16).
+    gen = torch.Generator().manual_seed(n + length)
+    a, b = (torch.randn(n, channels, length, generator=gen, dtype=torch.float64) + 1e3 for _ in range(2))
+    nu = torch.softmax(torch.randn(n, components, length, generator=gen, dtype=torch.float64) * 3, 1)
+    sc, e, q = (torch.randn(components, channels, generator=gen, dtype=torch.float64) for _ in range(3))
+    centre = 1e3 + torch.randn(components, channels, generator=gen, dtype=torch.float64).round()
+    a_, b_, nu_, sc_, e_, q_, centre_ = (t.to(dtype) for t in (a, b, nu, sc, e, q, centre))
+    d = a.unsqueeze(1) - centre[None, :, :, None]  # (N, K, C, L): a - c_k
+    w = nu.unsqueeze(2)
+    tol = dict(rtol=1e-12, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-3)
+    sum_d, sum_dd = ext.mixture_sums(a_, nu_, None, centre_)
+    assert sum_d.dtype == dtype and sum_d.shape == (components, channels)
+    torch.testing.assert_close(sum_d.double(), (w * d).sum((0, 3)), **tol)
+    torch.testing.assert_close(sum_dd.double(), (w * d * d).sum((0, 3)), **tol)
+    sum_b, sum_bd = ext.mixture_sums(b_, nu_, a_, centre_)
+    wide = dict(rtol=tol["rtol"], atol=1e3 * tol["atol"])  # sums of values ~1e3
+    torch.testing.assert_close(sum_b.double(), (w * b.unsqueeze(1)).sum((0, 3)), **wide)
+    torch.testing.assert_close(sum_bd.double(), (w * b.unsqueeze(1) * d).sum((0, 3)), **wide)
+    _, sum_ab = ext.mixture_sums(a_ - 1e3, nu_, b_ - 1e3)  # uncentred
+    torch.testing.assert_close(sum_ab.double(), (w * ((a - 1e3) * (b - 1e3)).unsqueeze(1)).sum((0, 3)), **tol)
+
+    def spread(t):  # sum_k nu[n, k, l] t[k, c] -> (N, C, L)
+        return torch.einsum("nkl,kc->ncl", nu, t)
+
+    close = dict(rtol=tol["rtol"], atol=1e3 * tol["atol"] / 100)
+    out = ext.mixture_combine(a_, nu_, sc_, e_)
+    assert out.shape == a.shape and out.dtype == dtype
+    torch.testing.assert_close(out.double(), a * spread(sc) + spread(e), **close)
+    out = ext.mixture_combine(a_, nu_, sc_, e_, b_, q_)
+    torch.testing.assert_close(out.double(), a * spread(sc) + spread(e) + b * spread(q), **close)
+
+
+@needs_compiler
 def test_kernels_reject_wrong_layouts_with_a_clear_error(ext):
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(RuntimeError, match="channels_last"):
@@ -88,6 +125,8 @@ def test_kernels_reject_wrong_layouts_with_a_clear_error(ext):
         ext.channels_last_sums(torch.randn(2, 3, 4, 5).to(memory_format=CL), x.to(memory_format=CL))
     with pytest.raises(RuntimeError, match=r"contiguous \(K, P\)"):
         ext.mixture_sums(torch.randn(10, 3), torch.rand(10, 2))  # posteriors pixel-major
+    with pytest.raises(RuntimeError, match=r"contiguous \(N, K, L\)"):
+        ext.mixture_sums(torch.randn(2, 3, 10), torch.rand(2, 10, 4))  # planes: posteriors (N, L, K)
     with pytest.raises(RuntimeError, match="b and q go together"):
         small = torch.randn(2, 3)
         ext.mixture_combine(torch.randn(10, 3), torch.rand(2, 10), small, small, torch.randn(10, 3))
@@ -104,13 +143,14 @@ def test_dispatch_takes_the_kernels_only_for_float_channels_last_cpu_tensors():
 
 
 @needs_compiler
-@pytest.mark.parametrize("name, kwargs", [("modenorm", dict(num_components=2)),
-                                          ("modegroupnorm", dict(num_components=2)), ("switchnorm", {}),
-                                          ("mixturenorm", dict(num_components=3))])
-def test_layers_give_the_same_output_and_gradients_with_and_without_the_kernels(ext, name, kwargs):
+@pytest.mark.parametrize("name, kwargs, fmt", [("modenorm", dict(num_components=2), CL),
+                                               ("modegroupnorm", dict(num_components=2), CL), ("switchnorm", {}, CL),
+                                               ("mixturenorm", dict(num_components=3), CL),
+                                               ("mixturenorm", dict(num_components=3), torch.contiguous_format)])
+def test_layers_give_the_same_output_and_gradients_with_and_without_the_kernels(ext, name, kwargs, fmt):
     torch.manual_seed(0)
-    layer = create_norm_layer(name, 16, **kwargs).to(memory_format=CL)
-    x = (torch.randn(8, 16, 9, 11) * 3 + 2).to(memory_format=CL)
+    layer = create_norm_layer(name, 16, **kwargs).to(memory_format=fmt)
+    x = (torch.randn(8, 16, 9, 11) * 3 + 2).to(memory_format=fmt)
     g = torch.randn_like(x)
 
     def run():
@@ -124,7 +164,7 @@ def test_layers_give_the_same_output_and_gradients_with_and_without_the_kernels(
     fused = run()
     with _cpu_ext.disabled():
         plain = run()
-    assert fused[1].is_contiguous(memory_format=CL)
+    assert fused[1].is_contiguous(memory_format=fmt)
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-5)
     for a, b in zip(fused[2], plain[2]):  # sums over all N*H*W pixels: 1e-5 of the largest entry

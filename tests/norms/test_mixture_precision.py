@@ -58,8 +58,8 @@ def _run_layer(x: torch.Tensor, dtype: torch.dtype, channels_last: bool):
     return y.detach().double(), xi.grad.double(), layer.weight.grad.double(), layer.bias.grad.double(), lam
 
 
-PATHS = [pytest.param(False, True, id="nchw-plain"), pytest.param(True, False, id="channels_last-plain"),
-         pytest.param(True, True, id="channels_last-fused")]
+PATHS = [pytest.param(False, False, id="nchw-plain"), pytest.param(False, True, id="nchw-fused"),
+         pytest.param(True, False, id="channels_last-plain"), pytest.param(True, True, id="channels_last-fused")]
 
 
 @pytest.mark.parametrize("channels_last, fused", PATHS)
