@@ -126,11 +126,14 @@ def plot_proxy_fidelity(result: Mapping[str, Any], path: Path) -> Optional[Path]
     return _save(fig, path)
 
 
-def confirmation_section(result: Optional[Mapping[str, Any]], out: Path, notes: list[str]) -> list[Block]:
-    """The report blocks of the confirmation stage (``[]`` plus a note when there is none)."""
+def confirmation_section(result: Optional[Mapping[str, Any]], out: Path, notes: list[str],
+                         expected: bool = True) -> list[Block]:
+    """The report blocks of the confirmation stage; ``[]`` when there is none (with a note when
+    one was ``expected``, i.e. ``final.confirm`` is on but the run stopped before it)."""
     if not result or not result.get("confirmation"):
-        notes.append("no confirmation stage in this study (final.confirm off, or the run stopped before it): "
-                     "the search's best trial is an unconfirmed single-seed measurement")
+        if expected:
+            notes.append("no confirmation results yet (the run stopped before its confirmation stage): the "
+                         "search's best trial is an unconfirmed single-seed measurement")
         return []
     refs = [r["reference"] for r in result["confirmation"] if r.get("reference")]
     title = f"Does it beat {refs[0] if refs else 'the reference'}?"

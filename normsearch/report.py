@@ -431,7 +431,8 @@ def write_report(run_dir: Path) -> list[Path]:
     for name in FIGURES:
         (out / name).unlink(missing_ok=True)
     blocks: list[Block] = [("facts", header_facts(run))]
-    blocks += confirm_report.confirmation_section(run.study.user_attrs.get(confirm_report.STUDY_ATTR), out, run.notes)
+    blocks += confirm_report.confirmation_section(run.study.user_attrs.get(confirm_report.STUDY_ATTR), out, run.notes,
+                                                  expected=run.cfg.final.confirm)
     for section in (_progress_section, _best_section, _pareto_section, _importance_section, _learned_section):
         blocks += section(run, out)
     if run.notes:

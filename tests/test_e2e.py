@@ -102,7 +102,7 @@ def test_ray_backend_end_to_end(tmp_path, monkeypatch):
 @pytest.mark.parametrize("backend", ["optuna", "ray"])
 def test_two_objectives_accuracy_vs_step_time(backend, tmp_path):
     cfg = write_config(tmp_path, backend, 3)
-    text = cfg.read_text().replace("sampler: random}", "sampler: nsga2, objectives: [val_acc, step_time_s]}")
+    text = cfg.read_text().replace("sampler: random,", "sampler: nsga2, objectives: [val_acc, step_time_s],")
     cfg.write_text(text)
     assert main(["run", str(cfg), "--quiet"]) == 0
     study = optuna.load_study(study_name=f"e2e_{backend}", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")

@@ -295,7 +295,7 @@ def test_report_of_a_real_run(real_run):
         saved = load_trial_model(run.cfg, weights_path(real_run, t.number), in_channels=1, num_classes=10)
         assert [cmap.kinds[r][col] for r in range(len(run.slots))] == [slot_kinds(saved)[s] for s in run.slots]
     best = run.ranked[0]
-    assert f"{100 * best.values[0]:.2f}%" in md and f"| **best trial** | {best.number} |" in md
+    assert f"{100 * best.values[0]:.2f} % +- " in md and f"| **best trial** | {best.number} |" in md
     assert math.isfinite(float(re.search(r"wall time\*\* \| ([\d.]+) s", md).group(1)))
     assert "test accuracy** | " in md and "not evaluated" not in md
     # every trial has both layers, so the best one is analysed; its gates need the validation images
