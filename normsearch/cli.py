@@ -27,8 +27,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .estimate import estimate_line
-    from .preflight import load_config, preflight
-    from .runner import run
+    from .preflight import load_config
+    from .runner import prepare, run
     from .spaces import resolve_config
     from .summary import print_summary
 
@@ -52,7 +52,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # search.references, still know they were not given)
         cfg = type(cfg).model_validate(cfg.model_dump(exclude_unset=True))
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by our progress lines
-    preflight(cfg)  # bad values and missing data fail here, before the estimate's timing (data cached for the run)
+    prepare(cfg)  # bad values, space, references and missing data fail here, before the estimate's timing
     print(f"normsearch: {estimate_line(cfg)}", flush=True)
     summary = run(cfg, progress=not args.quiet)
     print_summary(summary, Console())

@@ -37,6 +37,8 @@ STATIC_CASES = [
     ("epochs-type", GOOD_SPACE + "train: {epochs: three}\n", "train.epochs: Input should be a valid integer"),
     ("negative-epochs", GOOD_SPACE + "train: {epochs: -1}\n", "train.epochs: Input should be greater than or equal to 1"),
     ("zero-batch", GOOD_SPACE + "train: {batch_size: 0}\n", "train.batch_size"),
+    ("final-seeds-zero", GOOD_SPACE + "final: {seeds: 0}\n", "final.seeds: Input should be greater than or equal to 1"),
+    ("final-top-k-zero", GOOD_SPACE + "final: {top_k: 0}\n", "final.top_k: Input should be greater than or equal to 1"),
     ("negative-lr", GOOD_SPACE + "train: {optimizer: {lr: -0.1}}\n", "train.optimizer.lr"),
     ("momentum-1", GOOD_SPACE + "train: {optimizer: {momentum: 1.0}}\n", "train.optimizer.momentum"),
     ("bad-schedule", GOOD_SPACE + "train: {schedule: {kind: linear}}\n", "train.schedule.kind"),
@@ -152,6 +154,16 @@ def test_bad_space_exits_2_with_key_path(case, body, expected, tmp_path, fashion
     code, err = _run_cli(["run", str(path)], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
     assert err.startswith(f"normsearch: error: {path}: space."), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_reference_not_offered_in_a_slot(tmp_path, fashion_mnist_root, capsys):
+    body = "space: {layers: [{choices: [{kind: groupnorm, num_groups: 2}, none]}]}\nsearch: {references: [batchnorm]}\n"
+    path = _write(tmp_path, body, fashion_mnist_root)
+    code, err = _run_cli(["run", str(path)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"normsearch: error: {path}: search.references[0]: reference 'batchnorm' is not allowed "
+                          "here: slot 'conv1.norm' does not offer 'batchnorm'"), err
     assert not (tmp_path / "run").exists()
 
 
