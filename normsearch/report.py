@@ -22,21 +22,20 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from . import confirm_report, introspect, plots
+from . import confirm_report, plots
 from ._document import Block, duration, images, number, pct, render_html, render_markdown
 from .config import StudyConfig
 from .stats import fmt_acc
-from .norms import get_norm_entry, list_norms
+from .report_learned import learned_section
 from .study import (
     ATTR_BACKEND, ATTR_IMAGES_PER_S, ATTR_NUM_PARAMETERS, ATTR_SPEC, ATTR_STEP_TIME, ATTR_VAL_CURVE, load_study,
-    run_config, states_count, trial_spec, weights_path,
+    run_config, states_count, trial_spec,
 )
 
 REPORT_DIR = "report"
 #: Every figure the report may write (removed first, so a re-run leaves no stale picture).
 FIGURES = ("best_vs_trial.png", "learning_curves.png", "choice_map.png", "importances.png",
            "switchnorm_weights.png", "modenorm_gates.png", "pareto.png", *confirm_report.FIGURES)
-GATE_IMAGES = 256  # validation images run through the model for the ModeNorm gate statistics
 MIN_IMPORTANCE_TRIALS = 3
 #: Display names of the ``search.objectives`` metrics.
 _OBJECTIVE_NAMES = {"val_acc": "validation accuracy", "step_time_s": "step time (s)", "num_parameters": "parameters"}
@@ -219,14 +218,6 @@ def param_importances(run: Run) -> tuple[Optional[dict[str, float]], str]:
     return {k: float(v) for k, v in found.items()}, ""
 
 
-def _first_with(run: Run, kinds: Sequence[str]) -> Optional[tuple[int, FrozenTrial]]:
-    """(rank, trial) of the best COMPLETE trial that has a slot of one of ``kinds``."""
-    for rank, t in enumerate(run.ranked, 1):
-        if any(s.get("kind") in kinds for s in t.user_attrs.get(ATTR_SPEC, {}).get("layers", {}).values()):
-            return rank, t
-    return None
-
-
 # ------------------------------------------------------------------------------------------
 # the sections of the document
 
@@ -352,49 +343,7 @@ def _importance_section(run: Run, out: Path) -> list[Block]:
 
 
 def _learned_section(run: Run, out: Path) -> list[Block]:
-    blocks: list[Block] = []
-    for figure, what in (("switchnorm_weights", "SwitchNorm"), ("mode_gates", "ModeNorm")):
-        kinds = [n for n in list_norms() if get_norm_entry(n).report_figure == figure]  # register_norm's
-        found = _first_with(run, kinds)
-        if found is None:
-            continue
-        rank, trial = found
-        who = f"trial {trial.number}" + ("" if rank == 1 else f" (rank {rank}; the best trial has no {what} layer)")
-        in_ch, n_cls = _data_shape(run)
-        try:
-            model = introspect.load_trial_model(run.cfg, weights_path(run.run_dir, trial.number),
-                                                in_channels=in_ch, num_classes=n_cls)
-        except (FileNotFoundError, RuntimeError, KeyError) as err:
-            run.notes.append(f"{what} analysis of trial {trial.number} skipped: {err}")
-            continue
-        if what == "SwitchNorm":
-            plots.plot_switchnorm_weights(introspect.collect_importance(model), out / "switchnorm_weights.png",
-                                          title=f"SwitchNorm importance weights, {who}")
-            blocks.append(("img", "switchnorm_weights.png", f"What SwitchNorm learned in {who}: softmax importance "
-                           "weights of IN, LN and BN statistics for the mean and the variance of each SN layer "
-                           "(Luo et al., ICLR 2019, Eq. 5 and Fig. 7)."))
-            continue
-        from .data import DataError
-
-        try:
-            images = introspect.validation_images(run.cfg, GATE_IMAGES)
-        except (DataError, OSError, ValueError) as err:
-            run.notes.append(f"ModeNorm gates skipped: validation data unavailable ({err})")
-            continue
-        gates = introspect.mode_gates(model, images)
-        if not gates:
-            run.notes.append(f"ModeNorm gates skipped: trial {trial.number}'s saved model has no ModeNorm layer")
-            continue
-        plots.plot_mode_gates(gates, out / "modenorm_gates.png",
-                              title=f"ModeNorm gates, {who}, {len(images)} validation images")
-        blocks.append(("img", "modenorm_gates.png", f"What ModeNorm learned in {who}: mean gate mass per mode "
-                       f"and the distribution of each sample's largest gate, on {len(images)} validation images "
-                       "(eval mode; ModeGroupNorm gates are per sample and channel)."))
-    if not blocks:
-        run.notes.append("no completed trial uses SwitchNorm or ModeNorm (pruned trials are not analysed): "
-                         "nothing learned to show")
-        return []
-    return [("h2", "What the adaptive normalizers learned"), *blocks]
+    return learned_section(run, out, *_data_shape(run))
 
 
 def _pareto_section(run: Run, out: Path) -> list[Block]:
