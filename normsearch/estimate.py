@@ -42,6 +42,7 @@ from .train import Trainer, resolve_device
 
 #: Official training-set sizes (images), used when the files are not on disk yet.
 TRAIN_IMAGES = {"fashion_mnist": 60000, "mnist": 60000, "cifar10": 50000, "cifar100": 50000, "svhn": 73257}
+TEST_IMAGES = {"svhn": 26032}  # every other registered test split has 10,000 images
 #: ``MedianPruner(n_startup_trials, n_warmup_steps)`` as :func:`normsearch.study.make_pruner` builds it.
 MEDIAN_STARTUP_TRIALS, MEDIAN_WARMUP_STEPS = 2, 1
 #: Optuna's ``HyperbandPruner`` reduction factor (its default; ``make_pruner`` keeps it).
@@ -331,8 +332,11 @@ def estimate(cfg: StudyConfig, timings: tuple[Timing, Timing]) -> Estimate:
     if cfg.final.confirm:
         runs = (cfg.final.top_k + len(s.references)) * cfg.final.seeds
         c_epochs = cfg.final.epochs or e
-        confirm_s = tuple(math.ceil(runs / conc) * c_epochs * es for es in epoch_s)
-        confirm = f"confirmation included: {runs} runs x {c_epochs} epochs ({format_duration(confirm_s[1])} at most)"
+        n_test = cfg.data.test_size or sum(TEST_IMAGES.get(leaf.name, 10000) for leaf in _leaves(cfg.data.dataset))
+        test = [runs * n_test * t.eval_s_per_image if cfg.final.evaluate_test else 0.0 for t in timings]  # serial
+        confirm_s = tuple(math.ceil(runs / conc) * c_epochs * es + ts for es, ts in zip(epoch_s, test))
+        confirm = (f"confirmation included: {runs} runs x {c_epochs} epochs + testing on {n_test} images "
+                   f"({format_duration(confirm_s[1])} at most)")
     device = resolve_device(cfg.train.device).type
     return Estimate(s.n_trials, e, conc, device, epoch_s, search, confirm_s, schedule, confirm, notes)
 

@@ -97,7 +97,9 @@ def test_estimate_arithmetic(tmp_path, monkeypatch):
     assert e.concurrent == 2
     assert e.search_s == pytest.approx(tuple(6 * 3 / 2 * x for x in epoch))
     runs = (2 + 1) * 2  # top_k + references, x seeds
-    assert e.confirm_s == pytest.approx(tuple(math.ceil(runs / 2) * 5 * x for x in epoch))
+    n_test = cfg.data.test_size or 10000  # Fashion-MNIST's test split, evaluated once per run in the driver
+    assert e.confirm_s == pytest.approx(tuple(math.ceil(runs / 2) * 5 * x + runs * n_test * per_image
+                                              for x, per_image in zip(epoch, (0.001, 0.004))))
     assert e.total_s == pytest.approx(tuple(a + b for a, b in zip(e.search_s, e.confirm_s)))
     line = e.line()
     assert line.startswith("6 trials x 3 epochs, 2 at a time: ") and "on this machine (cpu)" in line
