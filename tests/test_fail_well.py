@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from normsearch.cli import main
 from normsearch.study import ATTR_FAIL_REASON, ATTR_RETRY_OF, ATTR_WORKER
@@ -72,7 +72,8 @@ def test_ctrl_c_leaves_a_resumable_study(tmp_path):
         try:
             if db.exists() and any(t.intermediate_values and t.state == TrialState.RUNNING for t in study_of(tmp_path).trials):
                 break
-        except (KeyError, OperationalError) as err:  # study not created yet / database busy; anything else is real
+        except (KeyError, OperationalError, IntegrityError) as err:  # no study yet, database busy, or schema
+            # being created by the run; anything else is real
             waiting_on = err
     else:
         raise AssertionError("no running trial reported an epoch in 300 s") from waiting_on

@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from normsearch.cli import main
 from normsearch.study import ATTR_FAIL_REASON, ATTR_RETRY_OF
@@ -62,7 +62,8 @@ def test_sigkill_then_resume(backend, tmp_path):
                 continue
             try:
                 trials = load(tmp_path).trials
-            except (KeyError, OperationalError):  # study not created yet / database busy; anything else is real
+            # no study yet, database busy, or its schema being created by the run; anything else is real
+            except (KeyError, OperationalError, IntegrityError):
                 continue
             done = [t for t in trials if t.state == TrialState.COMPLETE]
             running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
