@@ -90,7 +90,8 @@ class Confirmed:
 # references
 
 
-def reference_params(cfg: StudyConfig, space: SearchSpace, notes: Optional[list[str]] = None) -> dict[str, dict[str, Any]]:
+def reference_params(cfg: StudyConfig, space: SearchSpace,
+                     notes: Optional[list[str]] = None) -> dict[str, dict[str, Any]]:
     """``{name: params}`` of every reference arm in ``search.references``.
 
     When ``search.references`` is not given in the configuration, its default (``[batchnorm]``)
@@ -252,7 +253,8 @@ def enqueue_confirmation(study: optuna.Study, cfg: StudyConfig, candidates: Sequ
 
 
 def evaluate_tests(study: optuna.Study, cfg: StudyConfig,
-                   evaluate: Callable[[Path], float], on_done: Callable[[int, float], None] | None = None) -> dict[int, float]:
+                   evaluate: Callable[[Path], float],
+                   on_done: Callable[[int, float], None] | None = None) -> dict[int, float]:
     """Test accuracy of every COMPLETE confirmation trial whose weights are on disk.
 
     Results are kept in the study user attr ``confirm_test_acc`` so a resumed run evaluates each
@@ -352,7 +354,8 @@ def summarize(rows: Sequence[Confirmed]) -> dict[str, Any]:
                 diffs[ref.candidate.reference] = {"mean": mean, "ci95": [low, high], "n": n}
         table.append({
             "label": c.label, "reference": c.reference, "source_trial": c.source_trial,
-            "search_score": c.search_score, "score_source": c.score_source, "spec": c.spec.to_dict(), "trial_numbers": row.trial_numbers,
+            "search_score": c.search_score, "score_source": c.score_source, "spec": c.spec.to_dict(),
+            "trial_numbers": row.trial_numbers,
             "seeds": row.seeds, "val_acc": row.val_acc, "test_acc": test,
             "test_acc_mean": t_mean, "test_acc_ci95": t_ci, "val_acc_mean": v_mean, "val_acc_ci95": v_ci,
             "diff_vs_reference": diffs,

@@ -176,7 +176,8 @@ def export_run(run_dir: Path, trial_number: Optional[int] = None, out_dir: Optio
     study = load_study(cfg)
     confirmed = None if trial_number is not None else best_confirmed(study.user_attrs.get("confirmation"))
     if confirmed is not None:
-        trial_number = confirmed["source_trial"] if confirmed.get("source_trial") is not None else confirmed["trial_numbers"][0]
+        source = confirmed.get("source_trial")
+        trial_number = source if source is not None else confirmed["trial_numbers"][0]
     if trial_number is None:
         ranked = ranked_trials(study, 1)
         if not ranked:

@@ -27,7 +27,8 @@ def _first_with(run: Any, kinds: Sequence[str]) -> Optional[tuple[int, FrozenTri
 def learned_section(run: Any, out: Path, in_channels: int, num_classes: int) -> list[Block]:
     """Figures of what the adaptive normalizers of the best trial using them learned: SwitchNorm's
     importance weights, ModeNorm's gates (on ``GATE_IMAGES`` validation images); what cannot be
-    shown goes into ``run.notes``. ``run``: a :class:`normsearch.report.Run`. ``in_channels``/``num_classes``: the data shape the run used."""
+    shown goes into ``run.notes``. ``run``: a :class:`normsearch.report.Run`;
+    ``in_channels``/``num_classes``: the data shape the run used."""
     blocks: list[Block] = []
     for figure, what in (("switchnorm_weights", "SwitchNorm"), ("mode_gates", "ModeNorm")):
         kinds = [n for n in list_norms() if get_norm_entry(n).report_figure == figure]  # register_norm's

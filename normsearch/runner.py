@@ -201,7 +201,8 @@ def run(cfg: StudyConfig, *, progress: bool = True) -> RunSummary:
     with SearchProgress(cfg.search.n_trials, cfg.train.epochs, enabled=progress) as prog:
         backend.search(cfg, space, prog)
     study = load_study(cfg)
-    summary = RunSummary(run_dir, cfg.resolved_storage(), {}, 0.0, val_size=len(bundle.val.y), test_size=len(bundle.test.y))
+    summary = RunSummary(run_dir, cfg.resolved_storage(), {}, 0.0,
+                         val_size=len(bundle.val.y), test_size=len(bundle.test.y))
     summary.stage_times_s["search"] = time.monotonic() - t0
     for t in ranked_trials(study, cfg.final.top_k):
         summary.best.append(

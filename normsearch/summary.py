@@ -49,7 +49,8 @@ def print_summary(summary: RunSummary, console: Console) -> None:
             layers.add_row(*[cells[i + c * rows] if i + c * rows < len(cells) else "" for c in range(columns)])
         console.print(layers)
     if summary.test_acc is not None and not summary.confirmation:
-        console.print(f"best trial {best['number']} on the test set: [bold]{fmt_acc(summary.test_acc, summary.test_size)}[/]"
+        test = fmt_acc(summary.test_acc, summary.test_size)
+        console.print(f"best trial {best['number']} on the test set: [bold]{test}[/]"
                       " (one run; +- is the binomial standard error of the test set)")
     print_confirmation(summary, console)
     console.print(f"export it:  normsearch export {summary.run_dir}")
