@@ -33,6 +33,12 @@ def _ci_text(mean: Optional[float], ci: Optional[Sequence[Optional[float]]], sca
     return text
 
 
+def _display(name: str) -> str:
+    """``batchnorm`` -> ``BatchNorm`` for the section title; other names as registered."""
+    return {"batchnorm": "BatchNorm", "groupnorm": "GroupNorm", "layernorm": "LayerNorm",
+            "instancenorm": "InstanceNorm", "modenorm": "ModeNorm", "switchnorm": "SwitchNorm"}.get(name, name)
+
+
 def confirmation_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of the confirmation table: search score and mean validation accuracy (%),
     mean test accuracy +- the half-width of its 95 % t-interval over seeds (%), and the paired
@@ -136,7 +142,7 @@ def confirmation_section(result: Optional[Mapping[str, Any]], out: Path, notes: 
                          "search's best trial is an unconfirmed single-seed measurement")
         return []
     refs = [r["reference"] for r in result["confirmation"] if r.get("reference")]
-    title = f"Does it beat {refs[0] if refs else 'the reference'}?"
+    title = f"Does it beat {_display(refs[0]) if refs else 'the reference'}?"
     headers, rows = confirmation_rows(result)
     blocks: list[Block] = [("h2", title), ("p", f"Verdict: {result.get('verdict', '-')}"), ("table", headers, rows)]
     plot_confirmation(result, out / "confirmation.png")

@@ -244,11 +244,13 @@ def verdict(configs: Sequence[tuple[str, DiffLike]], reference: str, confidence:
     (first given on ties). So the line never says "no configuration beats" while one does. It
     reads:
 
-    * ``"best (L) beats batchnorm by +0.9 points (95 % CI +0.3 to +1.5, 3 seeds)"``;
-    * ``"every configuration is worse than batchnorm (best (L) -1.2, 95 % CI -2.0 to -0.4, 3 seeds)"``
+    * ``"best beats batchnorm by +0.9 points (95 % CI +0.3 to +1.5, 3 seeds; L)"``;
+    * ``"every configuration is worse than batchnorm (best -1.2, 95 % CI -2.0 to -0.4, 3 seeds; L)"``
       when every interval lies below 0;
-    * ``"no configuration beats batchnorm beyond noise (best (L) +0.2, 95 % CI -0.6 to +1.0, 3 seeds)"``
-      otherwise.
+    * ``"no configuration beats batchnorm beyond noise (best +0.2, 95 % CI -0.6 to +1.0, 3 seeds; L)"``
+      otherwise,
+
+    where ``L`` is the best configuration's label (e.g. ``trial 7``).
 
     The intervals are per configuration, not adjusted for comparing several: with k
     configurations, one of them excludes 0 by chance with probability up to ``1 - confidence**k``.
@@ -268,12 +270,12 @@ def verdict(configs: Sequence[tuple[str, DiffLike]], reference: str, confidence:
     diffs = [(label, _as_diff(d)) for label, d in configs]
     beat = [(label, d) for label, d in diffs if d.low > 0]  # NaN compares False: one seed never beats
     label, best = max(beat or diffs, key=lambda item: item[1].mean)  # max keeps the first on ties
-    name = f"best ({label})" if label else "best"
+    detail = _detail(best, confidence) + (f"; {label}" if label else "")
     if beat:
-        return f"{name} beats {reference} by {_pts(best.mean)} points ({_detail(best, confidence)})"
+        return f"best beats {reference} by {_pts(best.mean)} points ({detail})"
     if all(d.high < 0 for _, d in diffs):
-        return f"every configuration is worse than {reference} ({name} {_pts(best.mean)}, {_detail(best, confidence)})"
-    return f"no configuration beats {reference} beyond noise ({name} {_pts(best.mean)}, {_detail(best, confidence)})"
+        return f"every configuration is worse than {reference} (best {_pts(best.mean)}, {detail})"
+    return f"no configuration beats {reference} beyond noise (best {_pts(best.mean)}, {detail})"
 
 
 def fidelity_note(tau: float, n: int) -> str:

@@ -121,17 +121,17 @@ def _d(mean: float, low: float, high: float, n: int = 3) -> stats.PairedDiff:
 
 def test_verdict_beats() -> None:
     line = stats.verdict([("trial 4", _d(0.4, -0.2, 1.0)), ("trial 7", _d(0.9, 0.3, 1.5))], "batchnorm")
-    assert line == "best (trial 7) beats batchnorm by +0.9 points (95 % CI +0.3 to +1.5, 3 seeds)"
+    assert line == "best beats batchnorm by +0.9 points (95 % CI +0.3 to +1.5, 3 seeds; trial 7)"
 
 
 def test_verdict_beats_names_a_clear_winner_over_a_noisier_higher_mean() -> None:
     line = stats.verdict([("noisy", _d(2.0, -3.0, 7.0)), ("tight", _d(0.6, 0.2, 1.0))], "batchnorm")
-    assert line == "best (tight) beats batchnorm by +0.6 points (95 % CI +0.2 to +1.0, 3 seeds)"
+    assert line == "best beats batchnorm by +0.6 points (95 % CI +0.2 to +1.0, 3 seeds; tight)"
 
 
 def test_verdict_worse() -> None:
     line = stats.verdict([("a", _d(-1.2, -2.0, -0.4)), ("b", _d(-3.0, -4.1, -1.9))], "batchnorm")
-    assert line == "every configuration is worse than batchnorm (best (a) -1.2, 95 % CI -2.0 to -0.4, 3 seeds)"
+    assert line == "every configuration is worse than batchnorm (best -1.2, 95 % CI -2.0 to -0.4, 3 seeds; a)"
 
 
 @pytest.mark.parametrize("configs", [
@@ -140,7 +140,7 @@ def test_verdict_worse() -> None:
 ])
 def test_verdict_no_difference(configs: list) -> None:
     line = stats.verdict(configs, "batchnorm")
-    assert line == "no configuration beats batchnorm beyond noise (best (a) +0.2, 95 % CI -0.6 to +1.0, 3 seeds)"
+    assert line == "no configuration beats batchnorm beyond noise (best +0.2, 95 % CI -0.6 to +1.0, 3 seeds; a)"
 
 
 def test_verdict_one_seed_and_json_mappings() -> None:
@@ -150,7 +150,7 @@ def test_verdict_one_seed_and_json_mappings() -> None:
     # the summary.json form, with the JSON null bounds of a one-seed run
     line = stats.verdict([("x", {"mean": 0.9, "ci95": [0.3, 1.5], "n": 3}),
                           ("y", {"mean": 5.0, "ci95": [None, None], "n": 1})], "batchnorm", confidence=0.9)
-    assert line == "best (x) beats batchnorm by +0.9 points (90 % CI +0.3 to +1.5, 3 seeds)"
+    assert line == "best beats batchnorm by +0.9 points (90 % CI +0.3 to +1.5, 3 seeds; x)"
 
 
 @pytest.mark.parametrize("tau, n, expected", [
