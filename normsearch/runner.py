@@ -35,7 +35,7 @@ from .study import (
     states_count,
     val_acc_of,
 )
-from .trial import evaluate_weights, model_slots
+from .trial import evaluate_weights
 
 #: Sections that define what a study's trials mean; a run directory refuses a config changing them.
 _STUDY_DEFINING = ("data", "model", "train", "space")

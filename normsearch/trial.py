@@ -19,8 +19,7 @@ from torch import nn
 from .config import StudyConfig
 from .data import DataBundle, TensorLoader, load_data
 from .spec import ModelSpec
-from .surgery import count_parameters, find_norm_slots, model_from_spec
-from .models import create_model
+from .surgery import count_parameters, model_from_spec
 from .train import EpochReport, FitResult, Trainer, resolve_device
 
 #: ``report(epoch_report) -> stop?``: what a backend passes to follow (and stop) a trial.
@@ -40,17 +39,6 @@ class TrialOutcome:
     fit: FitResult
     num_parameters: int
     weights_path: Optional[Path]
-
-
-def model_slots(cfg: StudyConfig) -> dict[str, int]:
-    """Normalization slots (label -> num_features) of the configured model on the configured data.
-
-    Only the data's shape is needed; it is read from the dataset registry without loading images
-    twice (``load_data`` caches in-process).
-    """
-    bundle = load_data(cfg.data)
-    model = create_model(cfg.model.name, in_channels=bundle.in_channels, num_classes=bundle.num_classes, **cfg.model.kwargs)
-    return find_norm_slots(model)
 
 
 def build_model(cfg: StudyConfig, spec: ModelSpec, bundle: DataBundle) -> nn.Module:
