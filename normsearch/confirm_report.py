@@ -22,21 +22,30 @@ FIGURES = ("confirmation.png", "proxy_fidelity.png")
 STUDY_ATTR = "confirmation"  # the study user attr holding confirm.summarize()'s result
 
 
-def _ci_text(mean: Optional[float], ci: Optional[Sequence[Optional[float]]], scale: float = 100.0,
-             signed: bool = False) -> str:
-    """``"53.61 +- 1.24"``: the mean and the half-width of its (symmetric, t) interval, times ``scale``."""
+def interval_text(mean: Optional[float], ci: Optional[Sequence[Optional[float]]], scale: float = 100.0,
+                  signed: bool = False, bounds: bool = False, missing: str = "-") -> str:
+    """A mean and its (symmetric, t) interval, times ``scale``: ``"53.61 +- 1.24"`` (the half-width),
+    or with ``bounds`` ``"53.61 (95 % CI 52.37 to 54.85)"``; ``missing`` when there is no mean."""
     if mean is None:
-        return "-"
-    text = ("{:+.2f}" if signed else "{:.2f}").format(scale * mean)
+        return missing
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    text = fmt.format(scale * mean)
     if ci and ci[0] is not None and ci[1] is not None:
-        text += f" +- {scale * (ci[1] - ci[0]) / 2:.2f}"
+        text += (f" (95 % CI {fmt.format(scale * ci[0])} to {fmt.format(scale * ci[1])})" if bounds
+                 else f" +- {scale * (ci[1] - ci[0]) / 2:.2f}")
     return text
 
 
 def _display(name: str) -> str:
-    """``batchnorm`` -> ``BatchNorm`` for the section title; other names as registered."""
-    return {"batchnorm": "BatchNorm", "groupnorm": "GroupNorm", "layernorm": "LayerNorm",
-            "instancenorm": "InstanceNorm", "modenorm": "ModeNorm", "switchnorm": "SwitchNorm"}.get(name, name)
+    """The section title's name of a normalizer: its layer class without ``2d`` (``batchnorm`` ->
+    ``BatchNorm``), or the registered name when the factory has no class name."""
+    from .norms import get_norm_entry
+
+    try:
+        cls = getattr(get_norm_entry(name).factory, "__name__", "")
+    except KeyError:
+        return name
+    return cls.removesuffix("2d") if cls.isidentifier() else name
 
 
 def confirmation_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -51,9 +60,9 @@ def confirmation_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[s
         diffs = r.get("diff_vs_reference", {})
         rows.append([
             r["label"] + (" (ref.)" if r.get("reference") else ""), str(len(r["seeds"])),
-            _ci_text(r.get("search_score"), None), _ci_text(r.get("val_acc_mean"), None),
-            _ci_text(r.get("test_acc_mean"), r.get("test_acc_ci95")),
-            *[_ci_text(diffs[n]["mean"], diffs[n]["ci95"], 1.0, True) if n in diffs else "-" for n in refs],
+            interval_text(r.get("search_score"), None), interval_text(r.get("val_acc_mean"), None),
+            interval_text(r.get("test_acc_mean"), r.get("test_acc_ci95")),
+            *[interval_text(diffs[n]["mean"], diffs[n]["ci95"], 1.0, True) if n in diffs else "-" for n in refs],
         ])
     return headers, rows
 

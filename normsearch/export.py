@@ -132,13 +132,11 @@ def best_confirmed(result: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]
 
 def confirmed_text(row: dict[str, Any], verdict: Optional[str]) -> str:
     """Docstring lines giving a confirmed configuration's interval and differences to the references."""
-    def ci(mean: Optional[float], low_high: Optional[list], scale: float, signed: bool = False) -> str:
-        if mean is None:
-            return "n/a"
-        f = "{:+.2f}" if signed else "{:.2f}"
-        inner = "" if not low_high or low_high[0] is None else \
-            f" (95 % CI {f.format(scale * low_high[0])} to {f.format(scale * low_high[1])})"
-        return f.format(scale * mean) + inner
+    from functools import partial
+
+    from .confirm_report import interval_text
+
+    ci = partial(interval_text, bounds=True, missing="n/a")  # (mean, [low, high], scale, signed)
 
     lines = [f"{row['label']}, confirmed on {len(row['seeds'])} seeds {row['seeds']}:",
              f"test accuracy {ci(row.get('test_acc_mean'), row.get('test_acc_ci95'), 100)} %,",

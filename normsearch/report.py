@@ -53,6 +53,7 @@ class Run:
         ranked: COMPLETE trials, best first objective first.
         slots: normalization slot labels in model order.
         notes: what the report could not show, and why.
+        summary: ``RUN_DIR/summary.json`` as written by ``normsearch run`` (``{}`` if absent or unreadable).
     """
 
     run_dir: Path
@@ -62,6 +63,7 @@ class Run:
     ranked: list[FrozenTrial]
     slots: list[str]
     notes: list[str] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
 
     @property
     def maximize(self) -> bool:
@@ -93,6 +95,10 @@ def load_run(run_dir: Path) -> Run:
     trials = sorted((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("stage", "search") == "search"),
                     key=lambda t: t.number)
     run = Run(run_dir, cfg, study, trials, rank_trials(trials, study.directions[0]), [])
+    try:
+        run.summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        pass
     run.slots = slot_order(run)
     return run
 
@@ -232,18 +238,11 @@ def _safe_url(url: str) -> str:
         return url
 
 
-def _split_size(run: Run, split: str) -> Optional[int]:
-    """Images in the ``val``/``test`` split, from ``summary.json`` (``None`` if unknown)."""
-    try:
-        return int(json.loads((run.run_dir / "summary.json").read_text())[f"{split}_size"]) or None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def _acc_text(run: Run, value: Optional[float], split: str) -> str:
-    """An accuracy with its binomial standard error on the split's images, when known."""
-    n = _split_size(run, split)
-    return pct(value) if value is None or n is None else fmt_acc(value, n)
+    """An accuracy with its binomial standard error on the ``val``/``test`` split's images, when
+    ``summary.json`` gives the split's size."""
+    n = run.summary.get(f"{split}_size")
+    return pct(value) if value is None or not n else fmt_acc(value, int(n))
 
 
 def _objective_text(run: Run, i: int, value: Optional[float]) -> str:
@@ -275,11 +274,8 @@ def header_facts(run: Run) -> list[tuple[str, str]]:
         facts.append(("test accuracy", f"{_acc_text(run, float(attrs['best_test_acc']), 'test')} (trial {which})"))
     else:
         facts.append(("test accuracy", "not evaluated"))
-    summary = run.run_dir / "summary.json"
-    try:
-        facts.append(("wall time", duration(float(json.loads(summary.read_text())["wall_time_s"]))))
-    except (OSError, ValueError, KeyError, TypeError):
-        facts.append(("wall time", "unknown (no summary.json)"))
+    wall = run.summary.get("wall_time_s")
+    facts.append(("wall time", duration(float(wall)) if wall is not None else "unknown (no summary.json)"))
     return facts
 
 
