@@ -52,9 +52,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # search.references, still know they were not given)
         cfg = type(cfg).model_validate(cfg.model_dump(exclude_unset=True))
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by our progress lines
-    prepare(cfg)  # bad values, space, references and missing data fail here, before the estimate's timing
+    space = prepare(cfg)  # bad values, space, references and missing data fail here, before the estimate's timing
     print(f"normsearch: {estimate_line(cfg)}", flush=True)
-    summary = run(cfg, progress=not args.quiet)
+    summary = run(cfg, progress=not args.quiet, space=space)
     print_summary(summary, Console())
     finished = summary.states.get("COMPLETE", 0) + summary.states.get("PRUNED", 0)
     # this process's own trials have all ended here: a RUNNING one belongs to another worker on the

@@ -164,7 +164,7 @@ def _confirm(cfg: StudyConfig, space: SearchSpace, references: dict[str, dict[st
     summary.confirmation = result
 
 
-def run(cfg: StudyConfig, *, progress: bool = True) -> RunSummary:
+def run(cfg: StudyConfig, *, progress: bool = True, space: Optional[SearchSpace] = None) -> RunSummary:
     """Run the whole study described by ``cfg``: search, confirmation, verdict; return its summary.
 
     1. Search stage: the reference arms (``search.references``) are enqueued as the first trials,
@@ -172,6 +172,9 @@ def run(cfg: StudyConfig, *, progress: bool = True) -> RunSummary:
        pruned); re-running on the same run directory continues the study.
     2. Confirmation stage (``final.confirm``): see :mod:`normsearch.confirm`.
     3. ``RUN_DIR/summary.json`` and the study's user attrs get the results.
+
+    ``space``: the result of :func:`prepare` for this ``cfg`` when the caller already ran it (the
+    CLI does, before its time estimate); otherwise ``run`` prepares it.
 
     Raises:
         ConfigError: bad configuration or space (nothing is written).
@@ -181,7 +184,7 @@ def run(cfg: StudyConfig, *, progress: bool = True) -> RunSummary:
     from .search.registry import get_backend
 
     t0 = time.monotonic()
-    space = prepare(cfg)
+    space = space if space is not None else prepare(cfg)
     notes: list[str] = []
     references = confirm.reference_params(cfg, space, notes)
     for note in notes:
