@@ -36,8 +36,10 @@ from .study import (
     ATTR_STAGE,
     ATTR_SUPERNET_ACC,
     ATTR_WEIGHTS,
+    FINISHED,
     STAGE_CONFIRM,
     STAGE_SEARCH,
+    search_trials,
     val_acc_of,
 )
 from . import stats
@@ -129,8 +131,7 @@ def enqueue_references(study: optuna.Study, references: Mapping[str, Mapping[str
     Returns:
         The names enqueued now (a resumed study already holds the others).
     """
-    present = {t.user_attrs.get(ATTR_REFERENCE) for t in study.get_trials(deepcopy=False)
-               if t.user_attrs.get(ATTR_STAGE, STAGE_SEARCH) == STAGE_SEARCH}
+    present = {t.user_attrs.get(ATTR_REFERENCE) for t in search_trials(study)}
     added = []
     for name, params in references.items():
         if name not in present:
@@ -161,8 +162,7 @@ def _score_source(trial: FrozenTrial) -> str:
 
 
 def _search_trials(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            if t.user_attrs.get(ATTR_STAGE, STAGE_SEARCH) == STAGE_SEARCH and ATTR_SPEC in t.user_attrs]
+    return [t for t in search_trials(study, FINISHED) if ATTR_SPEC in t.user_attrs]
 
 
 def _rank_key(t: FrozenTrial) -> tuple:

@@ -29,7 +29,7 @@ from .stats import fmt_acc
 from .report_learned import learned_section
 from .study import (
     ATTR_BACKEND, ATTR_IMAGES_PER_S, ATTR_NUM_PARAMETERS, ATTR_SPEC, ATTR_STEP_TIME, ATTR_VAL_CURVE, load_study,
-    run_config, states_count, trial_spec,
+    run_config, search_trials, states_count, trial_spec,
 )
 
 REPORT_DIR = "report"
@@ -92,8 +92,7 @@ def load_run(run_dir: Path) -> Run:
     cfg = run_config(run_dir)
     study = load_study(cfg)
     # the search's trials; the confirmation stage's retrained runs have their own section
-    trials = sorted((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("stage", "search") == "search"),
-                    key=lambda t: t.number)
+    trials = search_trials(study)
     run = Run(run_dir, cfg, study, trials, rank_trials(trials, study.directions[0]), [])
     try:
         run.summary = json.loads((run_dir / "summary.json").read_text())

@@ -28,8 +28,8 @@ from .study import (
     ATTR_SPEC,
     ATTR_WEIGHTS,
     STAGE_CONFIRM,
-    STAGE_SEARCH,
     create_study,
+    is_search_stage,
     load_study,
     ranked_trials,
     states_count,
@@ -223,7 +223,7 @@ def run(cfg: StudyConfig, *, progress: bool = True, space: Optional[SearchSpace]
         study.set_user_attr("best_trial_number", best["number"])
         study.set_user_attr("best_test_acc", acc)
     trials = study.get_trials(deepcopy=False)
-    summary.states = states_count(t for t in trials if t.user_attrs.get(ATTR_STAGE, STAGE_SEARCH) == STAGE_SEARCH)
+    summary.states = states_count(t for t in trials if is_search_stage(t))
     summary.confirm_states = states_count(t for t in trials if t.user_attrs.get(ATTR_STAGE) == STAGE_CONFIRM)
     summary.wall_time_s = time.monotonic() - t0
     (run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
