@@ -108,7 +108,8 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
-    for path in export_run(Path(args.run_dir), args.trial, Path(args.out) if args.out else None):
+    for path in export_run(Path(args.run_dir), args.trial, Path(args.out) if args.out else None,
+                           note=lambda line: print(f"normsearch: {line}")):
         print(path)
     return 0
 

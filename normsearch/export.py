@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import yaml
 from optuna.trial import FrozenTrial
 
 from .norms import get_norm_entry
 from .spec import ModelSpec
-from .study import val_acc_of
+from .study import STUDY_CONFIRMATION, STUDY_IN_CHANNELS, STUDY_NUM_CLASSES, val_acc_of
 
 
 def attribute_path(label: str) -> str:
@@ -123,40 +123,56 @@ def safe_header(text: str) -> str:
     return re.sub(r'"""', "'''", text)
 
 
-def best_confirmed(result: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    """The confirmation row of the best confirmed searched configuration (``None`` if none)."""
-    if not result or not result.get("best"):
+def recommended_row(result: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    """The confirmation row of the configuration the run recommends (``None`` without one): the
+    configuration chosen on validation when the decision's claim is ``"beats"``, the reference
+    otherwise (:attr:`normsearch.confirm.ConfirmationResult.recommended`)."""
+    if not result or not result.get("recommended"):
         return None
-    return next((r for r in result.get("confirmation", []) if r["label"] == result["best"] and r["seeds"]), None)
+    return next((r for r in result.get("confirmation", [])
+                 if r["label"] == result["recommended"] and any(n is not None for n in r["trial_numbers"])), None)
 
 
-def confirmed_text(row: dict[str, Any], verdict: Optional[str]) -> str:
-    """Docstring lines giving a confirmed configuration's interval and differences to the references."""
+def why_exported(result: Mapping[str, Any]) -> str:
+    """One line: which configuration is exported and why (the decision's claim)."""
+    verdict = result.get("verdict") or {}
+    label, claim = result.get("recommended"), verdict.get("claim")
+    if claim == "beats":
+        return f"exporting {label}, chosen on validation: {verdict.get('text')}"
+    if verdict.get("reference"):
+        return (f"exporting {label}, the reference, because the claim is {claim!r}, not 'beats' "
+                f"(use --trial N to export another): {verdict.get('text')}")
+    return f"exporting {label}, chosen on validation: {verdict.get('text')}"
+
+
+def confirmed_text(row: Mapping[str, Any], result: Mapping[str, Any]) -> str:
+    """Docstring lines: why this configuration, its intervals, and the decision's line."""
     from functools import partial
 
     from .confirm_report import interval_text
 
     ci = partial(interval_text, bounds=True, missing="n/a")  # (mean, [low, high], scale, signed)
 
-    lines = [f"{row['label']}, confirmed on {len(row['seeds'])} seeds {row['seeds']}:",
+    seeds = [s for s, n in zip(row["seeds"], row["trial_numbers"]) if n is not None]
+    lines = [why_exported(result) + ".", "",
+             f"{row['label']}, retrained on {len(seeds)} confirmation seeds {seeds}:",
              f"test accuracy {ci(row.get('test_acc_mean'), row.get('test_acc_ci95'), 100)} %,",
-             f"validation accuracy {ci(row.get('val_acc_mean'), row.get('val_acc_ci95'), 100)} %."]
-    for name, d in (row.get("diff_vs_reference") or {}).items():
-        lines.append(f"Paired difference to {name}: {ci(d['mean'], d['ci95'], 1, True)} points ({d['n']} seeds).")
-    if verdict:
-        lines.append(f"Verdict: {verdict}")
+             f"validation accuracy {ci(row.get('val_acc_mean'), row.get('val_acc_ci95'), 100)} %",
+             "(95 % t-intervals over training seeds on one fixed validation/test split)."]
     return "\n".join(lines)
 
 
-def export_run(run_dir: Path, trial_number: Optional[int] = None, out_dir: Optional[Path] = None) -> list[Path]:
-    """Write ``best_model.py`` and ``best_spec.yaml`` for a run's best (or chosen) trial.
+def export_run(run_dir: Path, trial_number: Optional[int] = None, out_dir: Optional[Path] = None,
+               note: Optional[Callable[[str], None]] = None) -> list[Path]:
+    """Write ``best_model.py`` and ``best_spec.yaml`` for a run's recommended (or given) trial.
 
     Args:
         run_dir: a directory written by ``normsearch run`` (holds ``config.yaml``).
-        trial_number: export this trial instead of the default: the best confirmed configuration
-            (highest mean validation accuracy over the confirmation seeds), or, without a
-            confirmation stage, the best completed search trial.
+        trial_number: export this trial instead of the default: after a confirmation stage, the
+            configuration the decision recommends (the one chosen on validation when its claim
+            is "beats", else the reference arm); without one, the best completed search trial.
         out_dir: where to write (default: ``run_dir``).
+        note: called with one line saying which configuration is exported and why (confirmed runs).
 
     Returns:
         The paths written.
@@ -172,10 +188,13 @@ def export_run(run_dir: Path, trial_number: Optional[int] = None, out_dir: Optio
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     study = load_study(cfg)
-    confirmed = None if trial_number is not None else best_confirmed(study.user_attrs.get("confirmation"))
+    result = study.user_attrs.get(STUDY_CONFIRMATION)
+    confirmed = None if trial_number is not None else recommended_row(result)
     if confirmed is not None:
         source = confirmed.get("source_trial")
-        trial_number = source if source is not None else confirmed["trial_numbers"][0]
+        trial_number = source if source is not None else next(n for n in confirmed["trial_numbers"] if n is not None)
+        if note is not None:
+            note(why_exported(result))
     if trial_number is None:
         ranked = ranked_trials(study, 1)
         if not ranked:
@@ -187,15 +206,15 @@ def export_run(run_dir: Path, trial_number: Optional[int] = None, out_dir: Optio
             raise LookupError(f"{run_dir}: no trial {trial_number} with a recorded spec")
         trial = matches[0]
     spec = trial_spec(trial)
-    in_ch, n_cls = int(study.user_attrs["in_channels"]), int(study.user_attrs["num_classes"])
+    in_ch, n_cls = int(study.user_attrs[STUDY_IN_CHANNELS]), int(study.user_attrs[STUDY_NUM_CLASSES])
     slots = find_norm_slots(create_model(cfg.model.name, in_channels=in_ch, num_classes=n_cls, **cfg.model.kwargs))
     if confirmed is not None:
-        evidence = confirmed_text(confirmed, study.user_attrs.get("confirmation", {}).get("verdict"))
+        evidence = confirmed_text(confirmed, result)
     else:
         evidence = (f"trial {trial.number}, validation accuracy {val_acc_of(trial)} (one run of the search, "
                     f"not confirmed on other seeds).")
     header = safe_header(
-        f"Best normalizers found by normsearch for {cfg.model.name} on {cfg.data.dataset}.\n\n"
+        f"Normalizers recommended by normsearch for {cfg.model.name} on {cfg.data.dataset}.\n\n"
         f"Study {cfg.name!r}: {evidence}"
     )
     out = Path(out_dir or run_dir)

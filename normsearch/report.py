@@ -28,7 +28,8 @@ from .config import StudyConfig
 from .stats import fmt_acc
 from .report_learned import learned_section
 from .study import (
-    ATTR_BACKEND, ATTR_IMAGES_PER_S, ATTR_NUM_PARAMETERS, ATTR_SPEC, ATTR_STEP_TIME, ATTR_VAL_CURVE, load_study,
+    ATTR_BACKEND, ATTR_IMAGES_PER_S, ATTR_NUM_PARAMETERS, ATTR_SPEC, ATTR_STEP_TIME, ATTR_VAL_CURVE,
+    STUDY_BEST_TEST_ACC, STUDY_BEST_TRIAL, STUDY_IN_CHANNELS, STUDY_NUM_CLASSES, STUDY_VERDICT, load_study,
     run_config, search_trials, states_count, trial_spec,
 )
 
@@ -112,8 +113,8 @@ def rank_trials(trials: Sequence[FrozenTrial], direction: StudyDirection) -> lis
 def _data_shape(run: Run) -> tuple[int, int]:
     """(in_channels, num_classes): from the study (set at the end of a run), else the dataset registry."""
     attrs = run.study.user_attrs
-    if "in_channels" in attrs and "num_classes" in attrs:
-        return int(attrs["in_channels"]), int(attrs["num_classes"])
+    if STUDY_IN_CHANNELS in attrs and STUDY_NUM_CLASSES in attrs:
+        return int(attrs[STUDY_IN_CHANNELS]), int(attrs[STUDY_NUM_CLASSES])
     from .data import get_dataset_info
 
     info = get_dataset_info(run.cfg.data.dataset)
@@ -266,11 +267,12 @@ def header_facts(run: Run) -> list[tuple[str, str]]:
     if run.ranked:
         best = run.ranked[0]
         facts += [("best trial", str(best.number)), ("validation accuracy", _acc_text(run, best.values[0], "val"))]
-    if attrs.get("verdict"):
-        facts.append(("verdict", str(attrs["verdict"])))
-    elif "best_test_acc" in attrs:
-        which = attrs.get("best_trial_number")
-        facts.append(("test accuracy", f"{_acc_text(run, float(attrs['best_test_acc']), 'test')} (trial {which})"))
+    if attrs.get(STUDY_VERDICT):
+        verdict = attrs[STUDY_VERDICT]
+        facts.append(("verdict", verdict.get("text", "-") if isinstance(verdict, dict) else str(verdict)))
+    elif STUDY_BEST_TEST_ACC in attrs:
+        which = attrs.get(STUDY_BEST_TRIAL)
+        facts.append(("test accuracy", f"{_acc_text(run, float(attrs[STUDY_BEST_TEST_ACC]), 'test')} (trial {which})"))
     else:
         facts.append(("test accuracy", "not evaluated"))
     wall = run.summary.get("wall_time_s")

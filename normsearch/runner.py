@@ -28,6 +28,16 @@ from .study import (
     ATTR_SPEC,
     ATTR_WEIGHTS,
     STAGE_CONFIRM,
+    STAGE_HOLDOUT,
+    STUDY_BEST_TEST_ACC,
+    STUDY_BEST_TRIAL,
+    STUDY_CONFIRMATION,
+    STUDY_DATASET,
+    STUDY_FIDELITY_PREFIX,
+    STUDY_IN_CHANNELS,
+    STUDY_MODEL,
+    STUDY_NUM_CLASSES,
+    STUDY_VERDICT,
     create_study,
     is_search_stage,
     load_study,
@@ -47,13 +57,14 @@ class RunSummary:
 
     Attributes:
         best: the best search trials (``number``, ``val_acc``, ``layers``, ``spec``, ...).
-        test_acc: mean test accuracy of the best confirmed configuration over its seeds, or without a
+        test_acc: mean test accuracy of the recommended configuration (the chosen one when it beats
+            the reference, else the reference) over its confirmation seeds, or without a
             confirmation stage the test accuracy of the best search trial's saved model.
         val_size, test_size: images in the validation and test splits (binomial standard errors).
-        confirmation: :func:`normsearch.confirm.summarize`'s result (``confirmation``, ``best``,
-            ``verdict``, ``proxy_fidelity``), or ``None`` without a confirmation stage.
-        stage_times_s: wall time of each stage (``search``, ``confirm``, ``test``).
-        confirm_states: confirmation-stage trials by state.
+        confirmation: the confirmation stage's :class:`normsearch.confirm.ConfirmationResult`, or
+            ``None`` without a confirmation stage.
+        stage_times_s: wall time of each stage (``search``, ``confirm``, ``test``, ``holdout``).
+        confirm_states: confirmation- and hold-out-stage trials by state.
     """
 
     run_dir: Path
@@ -64,20 +75,25 @@ class RunSummary:
     test_acc: Optional[float] = None
     val_size: int = 0
     test_size: int = 0
-    confirmation: Optional[dict[str, Any]] = None
+    confirmation: Optional[Any] = None  # normsearch.confirm.ConfirmationResult
     stage_times_s: dict[str, float] = field(default_factory=dict)
     confirm_states: dict[str, int] = field(default_factory=dict)
 
+    def result_json(self) -> dict[str, Any]:
+        """The confirmation result's JSON (``{}`` without a confirmation stage)."""
+        return self.confirmation.to_json() if self.confirmation is not None else {}
+
     def to_json(self) -> dict[str, Any]:
-        """``summary.json``'s content: every field, with ``confirmation``, ``verdict`` and
-        ``proxy_fidelity`` at the top level."""
+        """``summary.json``'s content: every field, with the confirmation result's ``confirmation``,
+        ``holdout``, ``verdict``, ``regret``, ``proxy_fidelity``, ``chosen`` and ``recommended`` at
+        the top level."""
         out = {k: v for k, v in self.__dict__.items() if k != "confirmation"}
         out["run_dir"] = str(self.run_dir)
-        conf = self.confirmation or {}
-        out["confirmation"] = conf.get("confirmation", [])
-        out["best_confirmed"] = conf.get("best")
-        out["verdict"] = conf.get("verdict")
-        out["proxy_fidelity"] = conf.get("proxy_fidelity")
+        conf = self.result_json()
+        for key in ("confirmation", "holdout"):
+            out[key] = conf.get(key, [])
+        for key in ("verdict", "regret", "proxy_fidelity", "chosen", "recommended"):
+            out[key] = conf.get(key)
         return out
 
 
@@ -126,42 +142,19 @@ def _build_cpu_kernels(cfg: StudyConfig) -> None:
         _cpu_ext.kernels()
 
 
-def _confirm(cfg: StudyConfig, space: SearchSpace, references: dict[str, dict[str, Any]], backend: Any,
-             summary: RunSummary, progress: bool) -> None:
-    """The confirmation stage (``normsearch.confirm``): enqueue, run through the backend, test, summarize."""
-    from . import confirm
-
-    study = load_study(cfg)
-    candidates = confirm.select_candidates(study, space, references, cfg.final.top_k)
-    if not candidates:
-        return
-    confirm.enqueue_confirmation(study, cfg, candidates)
-    epochs = cfg.final.epochs or cfg.train.epochs
-    confirm_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
-    t0 = time.monotonic()
-    jobs = len(candidates) * cfg.final.seeds
-    with SearchProgress(jobs, epochs, enabled=progress) as prog:
-        if progress:
-            prog.console.print(f"[bold]confirmation stage:[/] {len(candidates)} configurations x {cfg.final.seeds} "
-                               f"seeds x {epochs} epochs, each from scratch (stage: confirm)", highlight=False)
-        backend.run_enqueued(confirm_cfg, space, prog)
-    summary.stage_times_s["confirm"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    if cfg.final.evaluate_test:
-        confirm.evaluate_tests(study, cfg, lambda path: evaluate_weights(cfg, path, "test")[0])
-        summary.stage_times_s["test"] = time.monotonic() - t0
-    result = confirm.summarize(confirm.collect(study, cfg, candidates))
-    study.set_user_attr(confirm.STUDY_ATTR_RESULT, result)
-    fid = result["proxy_fidelity"]
-    for key in ("kendall_tau", "spearman_rho", "n"):
-        study.set_user_attr(f"proxy_fidelity_{key}", fid[key])
-    study.set_user_attr("verdict", result["verdict"])
-    best = next((r for r in result["confirmation"] if r["label"] == result["best"]), None)
-    if best is not None and best.get("test_acc_mean") is not None:  # the answer's test figure, as without confirmation
-        summary.test_acc = best["test_acc_mean"]
-        study.set_user_attr("best_trial_number", best["source_trial"])
-        study.set_user_attr("best_test_acc", best["test_acc_mean"])
+def _record_result(study: Any, summary: RunSummary, result: Any) -> None:
+    """Put the confirmation result on the study (user attrs) and the summary."""
+    doc = result.to_json()
+    study.set_user_attr(STUDY_CONFIRMATION, doc)
+    study.set_user_attr(STUDY_VERDICT, doc["verdict"])
+    for key in ("kendall_tau", "kendall_p", "spearman_rho", "n"):
+        study.set_user_attr(STUDY_FIDELITY_PREFIX + key, doc["proxy_fidelity"].get(key))
     summary.confirmation = result
+    row = next((r for r in doc["confirmation"] if r["label"] == doc["recommended"]), None)
+    if row is not None and row.get("test_acc_mean") is not None:  # the answer's test figure, as without confirmation
+        summary.test_acc = row["test_acc_mean"]
+        study.set_user_attr(STUDY_BEST_TRIAL, row["source_trial"])
+        study.set_user_attr(STUDY_BEST_TEST_ACC, row["test_acc_mean"])
 
 
 def run(cfg: StudyConfig, *, progress: bool = True, space: Optional[SearchSpace] = None) -> RunSummary:
@@ -196,11 +189,11 @@ def run(cfg: StudyConfig, *, progress: bool = True, space: Optional[SearchSpace]
     bundle = load_data(cfg.data)
     _build_cpu_kernels(cfg)
     study = create_study(cfg)
-    confirm.enqueue_references(study, references)
-    study.set_user_attr("model", cfg.model.name)
-    study.set_user_attr("dataset", cfg.data.dataset)
-    study.set_user_attr("in_channels", bundle.in_channels)
-    study.set_user_attr("num_classes", bundle.num_classes)
+    confirm.enqueue_references(study, references)  # before any backend opens its recorder
+    study.set_user_attr(STUDY_MODEL, cfg.model.name)
+    study.set_user_attr(STUDY_DATASET, cfg.data.dataset)
+    study.set_user_attr(STUDY_IN_CHANNELS, bundle.in_channels)
+    study.set_user_attr(STUDY_NUM_CLASSES, bundle.num_classes)
     with SearchProgress(cfg.search.n_trials, cfg.train.epochs, enabled=progress) as prog:
         backend.search(cfg, space, prog)
     study = load_study(cfg)
@@ -214,17 +207,19 @@ def run(cfg: StudyConfig, *, progress: bool = True, space: Optional[SearchSpace]
              "weights": t.user_attrs.get(ATTR_WEIGHTS), "reference": t.user_attrs.get(ATTR_REFERENCE)}
         )
     if cfg.final.confirm and summary.best:
-        _confirm(cfg, space, references, backend, summary, progress)
+        result, times = confirm.run_confirmation(cfg, space, references, backend, progress)
+        summary.stage_times_s.update(times)
+        _record_result(study, summary, result)
     elif cfg.final.evaluate_test and summary.best and Path(summary.best[0]["weights"] or "").is_file():
         best = summary.best[0]
         acc, _ = evaluate_weights(cfg, Path(best["weights"]), "test")
         summary.test_acc = acc
         # finished trials are read-only in Optuna: the test figure goes on the study
-        study.set_user_attr("best_trial_number", best["number"])
-        study.set_user_attr("best_test_acc", acc)
+        study.set_user_attr(STUDY_BEST_TRIAL, best["number"])
+        study.set_user_attr(STUDY_BEST_TEST_ACC, acc)
     trials = study.get_trials(deepcopy=False)
     summary.states = states_count(t for t in trials if is_search_stage(t))
-    summary.confirm_states = states_count(t for t in trials if t.user_attrs.get(ATTR_STAGE) == STAGE_CONFIRM)
+    summary.confirm_states = states_count(t for t in trials if t.user_attrs.get(ATTR_STAGE) in (STAGE_CONFIRM, STAGE_HOLDOUT))
     summary.wall_time_s = time.monotonic() - t0
     (run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
     return summary

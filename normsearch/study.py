@@ -45,12 +45,25 @@ ATTR_WEIGHTS = "weights_path"
 ATTR_WORKER = "worker"
 ATTR_VAL_CURVE = "val_acc_per_epoch"  # multi-objective studies, where Optuna keeps no intermediate values
 ATTR_RETRY_OF = "retry_of"
-ATTR_STAGE = "stage"  # STAGE_SEARCH (also when missing) or STAGE_CONFIRM
+ATTR_STAGE = "stage"  # STAGE_SEARCH (also when missing), STAGE_CONFIRM or STAGE_HOLDOUT
 ATTR_SEED = "seed"  # training seed; an enqueued trial's own ``seed`` attr wins over cfg.seed + number
 ATTR_REFERENCE = "reference"  # name of the normalizer of a uniform reference arm
 ATTR_SUPERNET_ACC = "enas_supernet_acc"  # ENAS: the child's score with the shared weights (fraction)
 STAGE_SEARCH = "search"
 STAGE_CONFIRM = "confirm"
+STAGE_HOLDOUT = "holdout"  # the chosen configuration and the reference on fresh seeds after the choice
+
+# Study (not trial) user attrs: every reader and writer uses these names.
+STUDY_MODEL = "model"
+STUDY_DATASET = "dataset"
+STUDY_IN_CHANNELS = "in_channels"
+STUDY_NUM_CLASSES = "num_classes"
+STUDY_CONFIRMATION = "confirmation"  # normsearch.confirm.ConfirmationResult.to_json()
+STUDY_VERDICT = "verdict"  # the decision's JSON (claim, chosen, reference, diff, ..., text)
+STUDY_TEST_ACC = "confirm_test_acc"  # {trial number: test accuracy} of confirmation and hold-out trials
+STUDY_BEST_TRIAL = "best_trial_number"  # the trial whose configuration the run recommends
+STUDY_BEST_TEST_ACC = "best_test_acc"  # its (mean) test accuracy
+STUDY_FIDELITY_PREFIX = "proxy_fidelity_"  # + kendall_tau / kendall_p / spearman_rho / n
 #: user attrs an enqueued trial carries into its retry after an interruption
 CARRIED_ATTRS = (ATTR_STAGE, ATTR_SEED, ATTR_REFERENCE)
 INTERRUPTED = "interrupted"  # prefix of the fail_reason of trials cut off by a kill or Ctrl-C

@@ -8,7 +8,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .confirm_report import confirmation_rows
+from .confirm_report import confirmation_rows, extra_lines, verdict_text
 from .runner import RunSummary
 from .spec import ModelSpec
 from .stats import fmt_acc
@@ -58,24 +58,26 @@ def print_summary(summary: RunSummary, console: Console) -> None:
 
 
 def print_confirmation(summary: RunSummary, console: Console) -> None:
-    """The confirmation table (mean and 95 % t-interval over seeds, paired differences to the
-    references), the verdict and the proxy fidelity, with the time each stage took."""
-    result = summary.confirmation
-    if not result or not result.get("confirmation"):
+    """The confirmation table (mean and 95 % t-interval over seeds, paired test differences to the
+    references with adjusted intervals), the decision's line, regret, proxy fidelity and the time
+    each stage took."""
+    result = summary.result_json()
+    if not result.get("confirmation"):
         return
-    headers, rows = confirmation_rows(result)
-    table = Table(title="confirmation: retrained from scratch on the same seeds", box=box.SIMPLE_HEAD, padding=(0, 1))
-    for i, name in enumerate(headers):
-        table.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    console.print(f"[bold]verdict:[/] {result['verdict']}")
-    fid = result.get("proxy_fidelity") or {}
-    tau, rho = fid.get("kendall_tau"), fid.get("spearman_rho")
-    shown = "n/a" if tau is None else f"{tau:.2f}"
-    console.print(f"proxy fidelity: Kendall tau {shown}, Spearman rho {'n/a' if rho is None else f'{rho:.2f}'} "
-                  f"(n = {fid.get('n', 0)}; search score vs confirmed {fid.get('metric', 'test_acc_mean')}). "
-                  f"{fid.get('note', '')}")
+    for key, title in (("confirmation", "confirmation: retrained from scratch on the same seeds (* chosen on validation)"),
+                       ("holdout", "hold-out: the chosen configuration and the reference on fresh seeds")):
+        if not result.get(key):
+            continue
+        headers, rows = confirmation_rows(result, key)
+        table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+        for i, name in enumerate(headers):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    console.print(f"[bold]verdict:[/] {verdict_text(result)}", highlight=False)
+    for line in extra_lines(result):
+        console.print(line, highlight=False)
+    console.print("(intervals: training-seed variation on one fixed validation/test split)", highlight=False)
     if summary.stage_times_s:
         console.print("stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary.stage_times_s.items()))

@@ -75,7 +75,12 @@ def test_degenerate_intervals_without_warnings() -> None:
     (lambda: stats.rank_correlation([1.0, 2.0], [1.0]), "got 2 and 1"),
     (lambda: stats.binomial_se(1.2, 100), "acc=1.2"),
     (lambda: stats.binomial_se(0.5, 0), "n=0"),
-    (lambda: stats.verdict([], "batchnorm"), "at least one configuration"),
+    (lambda: stats.decide({"bn": [1.0]}, {"bn": [1.0]}, "bn"), "no configuration to compare"),
+    (lambda: stats.decide({"a": [1.0], "bn": [1.0]}, {"a": [1.0]}, "bn"), "same labels"),
+    (lambda: stats.decide({"a": [1.0, 2.0], "bn": [1.0]}, {"a": [1.0, 2.0], "bn": [1.0]}, "bn"), "one value per seed"),
+    (lambda: stats.decide({"a": [1.0], "bn": [1.0]}, {"a": [1.0], "bn": [1.0]}, "bn", alpha=0.0), "alpha"),
+    (lambda: stats.decide({"a": [1.0], "b": [1.0], "bn": [1.0]}, {"a": [1.0], "b": [1.0], "bn": [1.0]}, "bn",
+                          holdout=True), "hold-out comparison has one candidate"),
 ])
 def test_bad_input_raises(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -100,7 +105,8 @@ def test_rank_correlation_matches_scipy() -> None:
     assert got["n"] == 5
     assert got["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(search, confirmed).statistic)
     assert got["spearman_rho"] == pytest.approx(scipy.stats.spearmanr(search, confirmed).statistic)
-    assert stats.rank_correlation([1, 2, 3], [10, 20, 30]) == {"kendall_tau": 1.0, "spearman_rho": 1.0, "n": 3}
+    perfect = stats.rank_correlation([1, 2, 3], [10, 20, 30])
+    assert (perfect["kendall_tau"], perfect["spearman_rho"], perfect["n"]) == (1.0, 1.0, 3)
     assert stats.rank_correlation([1, 2, 3], [30, 20, 10])["kendall_tau"] == -1.0
 
 
@@ -112,54 +118,29 @@ def test_rank_correlation_undefined_is_nan(search: list, confirmed: list) -> Non
 
 
 # --------------------------------------------------------------------------------------------
-# verdict wording
+# proxy fidelity: exact p-values, no judgement from fewer than 8 configurations
 
 
-def _d(mean: float, low: float, high: float, n: int = 3) -> stats.PairedDiff:
-    return stats.PairedDiff(mean, low, high, n)
+def test_rank_correlation_exact_p_value() -> None:
+    got = stats.rank_correlation([1, 2, 3, 4], [1, 2, 3, 4])
+    assert got["kendall_p"] == pytest.approx(2 / 24)  # exact: 1 of 4! orders is as extreme, two-sided
+    assert got["p_method"] == "exact"
+    assert got["kendall_p"] == pytest.approx(scipy.stats.kendalltau([1, 2, 3, 4], [1, 2, 3, 4], method="exact").pvalue)
+    tied = stats.rank_correlation([1, 2, 2, 4], [1, 2, 3, 4])  # ties: the exact distribution does not apply
+    assert tied["p_method"] == "asymptotic" and 0 < tied["kendall_p"] < 1
 
 
-def test_verdict_beats() -> None:
-    line = stats.verdict([("trial 4", _d(0.4, -0.2, 1.0)), ("trial 7", _d(0.9, 0.3, 1.5))], "batchnorm")
-    assert line == "best beats batchnorm by +0.9 points (95 % CI +0.3 to +1.5, 3 seeds; trial 7)"
-
-
-def test_verdict_beats_names_a_clear_winner_over_a_noisier_higher_mean() -> None:
-    line = stats.verdict([("noisy", _d(2.0, -3.0, 7.0)), ("tight", _d(0.6, 0.2, 1.0))], "batchnorm")
-    assert line == "best beats batchnorm by +0.6 points (95 % CI +0.2 to +1.0, 3 seeds; tight)"
-
-
-def test_verdict_worse() -> None:
-    line = stats.verdict([("a", _d(-1.2, -2.0, -0.4)), ("b", _d(-3.0, -4.1, -1.9))], "batchnorm")
-    assert line == "every configuration is worse than batchnorm (best -1.2, 95 % CI -2.0 to -0.4, 3 seeds; a)"
-
-
-@pytest.mark.parametrize("configs", [
-    [("a", _d(0.2, -0.6, 1.0)), ("b", _d(-1.5, -2.5, -0.5))],  # one through 0, one clearly worse
-    [("b", _d(-1.5, -2.5, -0.5)), ("a", _d(0.2, -0.6, 1.0))],  # order does not matter
+@pytest.mark.parametrize("tau, p, n, expected", [
+    (0.67, 0.33, 4, "Kendall tau +0.67, p = 0.33, n = 4: too few configurations to judge the search's ranking "
+                    "(8 needed: raise final.top_k)"),
+    (1.0, 0.083, 4, "Kendall tau +1.00, p = 0.083, n = 4: too few configurations to judge the search's ranking "
+                    "(8 needed: raise final.top_k)"),
+    (0.71, 0.01, 8, "Kendall tau +0.71, p = 0.01, n = 8: the search score ranks configurations like full training does"),
+    (0.2, 0.6, 9, "Kendall tau +0.20, p = 0.6, n = 9: no evidence that the search score ranks configurations like "
+                  "full training; try more epochs per trial"),
+    (math.nan, math.nan, 4, "proxy fidelity undefined (the search scores or the confirmed means are all equal, n = 4)"),
+    (math.nan, math.nan, 1, "proxy fidelity cannot be measured from 1 configuration"),
 ])
-def test_verdict_no_difference(configs: list) -> None:
-    line = stats.verdict(configs, "batchnorm")
-    assert line == "no configuration beats batchnorm beyond noise (best +0.2, 95 % CI -0.6 to +1.0, 3 seeds; a)"
-
-
-def test_verdict_one_seed_and_json_mappings() -> None:
-    one = stats.paired_diff([81.0], [80.0])
-    line = stats.verdict([("", one)], "groupnorm")
-    assert line == "no configuration beats groupnorm beyond noise (best +1.0, 1 seed, no interval from one seed)"
-    # the summary.json form, with the JSON null bounds of a one-seed run
-    line = stats.verdict([("x", {"mean": 0.9, "ci95": [0.3, 1.5], "n": 3}),
-                          ("y", {"mean": 5.0, "ci95": [None, None], "n": 1})], "batchnorm", confidence=0.9)
-    assert line == "best beats batchnorm by +0.9 points (90 % CI +0.3 to +1.5, 3 seeds; x)"
-
-
-@pytest.mark.parametrize("tau, n, expected", [
-    (0.1, 4, "the search budget ranks configurations poorly (Kendall tau 0.10, n=4); "
-             "try more epochs per trial or a larger final budget"),
-    (math.nan, 4, "the search budget ranks configurations poorly (Kendall tau undefined, n=4); "
-                  "try more epochs per trial or a larger final budget"),
-    (0.3, 5, "the search budget ranks configurations like full training does (Kendall tau 0.30, n=5)"),
-    (math.nan, 1, "proxy fidelity cannot be judged from 1 confirmed configuration; raise final.top_k"),
-])
-def test_fidelity_note(tau: float, n: int, expected: str) -> None:
-    assert stats.fidelity_note(tau, n) == expected
+def test_fidelity_note(tau: float, p: float, n: int, expected: str) -> None:
+    assert stats.fidelity_note(tau, p, n) == expected
+    assert "ranks configurations like" not in expected or n >= stats.JUDGE_MIN_N

@@ -142,6 +142,9 @@ class FinalConfig(_Strict):
         confirm: run the confirmation stage at all (``false`` = report the search's best trial only).
         evaluate_test: evaluate confirmed models (or, without confirmation, the best trial's) on
             the test split.
+        holdout_seeds: after the choice, retrain the chosen configuration and the first reference
+            on this many fresh seeds and make the claim from them alone (an unbiased effect size,
+            no adjustment for the choice needed); 0 = off, else at least 3 (fewer never claims).
     """
 
     top_k: int = Field(3, ge=1)
@@ -149,6 +152,14 @@ class FinalConfig(_Strict):
     epochs: Optional[int] = Field(None, ge=1)
     confirm: bool = True
     evaluate_test: bool = True
+    holdout_seeds: int = Field(0, ge=0)
+
+    @field_validator("holdout_seeds")
+    @classmethod
+    def _enough_holdout(cls, v: int) -> int:
+        if 0 < v < 3:
+            raise ValueError(f"holdout_seeds must be 0 (off) or at least 3 (a claim needs 3 paired seeds), got {v}")
+        return v
 
 
 class StudyConfig(_Strict):

@@ -1,0 +1,81 @@
+"""The confirmation stage as one call from the runner: enqueue, train, test, decide (and hold out)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+from ..config import StudyConfig
+from ..search.progress import SearchProgress
+from ..search.recorder import TrialRecorder
+from ..space import SearchSpace
+from ..study import STAGE_CONFIRM, STAGE_HOLDOUT, load_study
+from .candidates import Candidate, select_candidates
+from .result import ConfirmationResult, summarize
+from .runs import collect, enqueue_confirmation, evaluate_tests
+
+
+def _train(cfg: StudyConfig, space: SearchSpace, backend: Any, candidates: list[Candidate], stage: str,
+           seeds: int, progress: bool) -> None:
+    """Enqueue ``candidates`` x ``seeds`` runs of ``stage`` through the recorder and train them."""
+    epochs = cfg.final.epochs or cfg.train.epochs
+    stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+    with SearchProgress(len(candidates) * seeds, epochs, enabled=progress) as prog:
+        recorder = TrialRecorder(stage_cfg, backend.name, prog)
+        try:
+            enqueue_confirmation(recorder.study, cfg, candidates, stage, enqueue=recorder.enqueue)
+            if progress:
+                what = "confirmation stage" if stage == STAGE_CONFIRM else "hold-out stage"
+                prog.console.print(f"[bold]{what}:[/] {len(candidates)} configurations x {seeds} seeds x {epochs} "
+                                   f"epochs, each from scratch (stage: {stage})", highlight=False)
+            backend.run_enqueued(stage_cfg, space, prog, recorder)
+        finally:
+            recorder.close()
+
+
+def run_confirmation(cfg: StudyConfig, space: SearchSpace, references: Mapping[str, Mapping[str, Any]],
+                     backend: Any, progress: bool = True) -> tuple[ConfirmationResult, dict[str, float]]:
+    """The confirmation stage of a run whose search stage is done.
+
+    1. The ``final.top_k`` best distinct searched configurations and every reference arm are
+       retrained from scratch on ``final.seeds`` paired seeds (``stage: confirm``) through
+       ``backend``, then tested (``final.evaluate_test``).
+    2. :func:`normsearch.confirm.result.summarize` chooses one configuration on validation and
+       decides against the first reference on test (:func:`normsearch.stats.decide`).
+    3. With ``final.holdout_seeds`` > 0 the chosen configuration and that reference are retrained on
+       fresh seeds (``stage: holdout``) and the claim is made from them alone.
+
+    Returns:
+        The result and the wall time (seconds) of each part: ``confirm``, ``test``, ``holdout``.
+    """
+    times: dict[str, float] = {}
+    study = load_study(cfg)
+    candidates = select_candidates(study, space, references, cfg.final.top_k)
+    t0 = time.monotonic()
+    _train(cfg, space, backend, candidates, STAGE_CONFIRM, cfg.final.seeds, progress)
+    times["confirm"] = time.monotonic() - t0
+    evaluate = _tester(cfg)
+    if evaluate is not None:
+        t0 = time.monotonic()
+        evaluate_tests(study, cfg, evaluate)
+        times["test"] = time.monotonic() - t0
+    result = summarize(collect(study, cfg, candidates))
+    chosen = next((c for c in candidates if c.label == result.chosen), None)
+    ref = next((c for c in candidates if c.reference), None)
+    if cfg.final.holdout_seeds and chosen is not None and ref is not None:
+        t0 = time.monotonic()
+        _train(cfg, space, backend, [chosen, ref], STAGE_HOLDOUT, cfg.final.holdout_seeds, progress)
+        if evaluate is not None:
+            evaluate_tests(study, cfg, evaluate)
+        times["holdout"] = time.monotonic() - t0
+        result = summarize(result.rows, collect(study, cfg, [chosen, ref], STAGE_HOLDOUT))
+    return result, times
+
+
+def _tester(cfg: StudyConfig) -> Any:
+    """``weights path -> test accuracy`` (``None`` when ``final.evaluate_test`` is off)."""
+    if not cfg.final.evaluate_test:
+        return None
+    from ..trial import evaluate_weights
+
+    return lambda path: evaluate_weights(cfg, path, "test")[0]
