@@ -9,6 +9,7 @@ edit and train it without normsearch's search machinery.
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -154,7 +155,7 @@ def confirmed_text(row: Mapping[str, Any], result: Mapping[str, Any]) -> str:
     ci = partial(interval_text, bounds=True, missing="n/a")  # (mean, [low, high], scale, signed)
 
     seeds = [s for s, n in zip(row["seeds"], row["trial_numbers"]) if n is not None]
-    lines = [why_exported(result) + ".", "",
+    lines = [textwrap.fill(why_exported(result) + ".", 100), "",
              f"{row['label']}, retrained on {len(seeds)} confirmation seeds {seeds}:",
              f"test accuracy {ci(row.get('test_acc_mean'), row.get('test_acc_ci95'), 100)} %,",
              f"validation accuracy {ci(row.get('val_acc_mean'), row.get('val_acc_ci95'), 100)} %",
@@ -215,7 +216,7 @@ def export_run(run_dir: Path, trial_number: Optional[int] = None, out_dir: Optio
                     f"not confirmed on other seeds).")
     header = safe_header(
         f"Normalizers recommended by normsearch for {cfg.model.name} on {cfg.data.dataset}.\n\n"
-        f"Study {cfg.name!r}: {evidence}"
+        f"Study {cfg.name!r}:\n{evidence}"
     )
     out = Path(out_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """search -> confirm -> verdict end to end on a small real Fashion-MNIST subset, on every backend:
 the reference arm comes first, the confirmation trials are paired by seed and recorded with
-``stage: confirm``, summary.json and the study carry the results, export picks the confirmed best,
-and running the same command again trains nothing more."""
+``stage: confirm``, summary.json and the study carry the one decision, export writes what the
+decision recommends (here the reference: 2 seeds never make a claim), and running the same command
+again trains nothing more."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_fashion_mnist]
@@ -53,11 +55,16 @@ def test_search_confirm_verdict(tmp_path, backend):
     cfg = _config(tmp_path, backend)
     done = _cli("run", str(cfg), "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "verdict:" in done.stdout and "proxy fidelity: Kendall tau" in done.stdout
+    assert "verdict: inconclusive" in done.stdout and "proxy fidelity" in done.stdout
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
-    assert {"confirmation", "verdict", "proxy_fidelity"} <= set(summary)
-    assert set(summary["proxy_fidelity"]) >= {"kendall_tau", "spearman_rho", "n"}
+    assert {"confirmation", "verdict", "proxy_fidelity", "regret", "chosen", "recommended"} <= set(summary)
+    assert set(summary["proxy_fidelity"]) >= {"kendall_tau", "kendall_p", "spearman_rho", "n"}
+    verdict = summary["verdict"]
+    assert verdict["claim"] == "inconclusive" and "3 needed" in verdict["text"]  # 2 seeds never claim
+    assert verdict["chosen"]["label"] == summary["chosen"] and verdict["reference"]["label"] == "batchnorm"
+    assert summary["recommended"] == "batchnorm"
+    assert " ".join(verdict["text"].split()) in " ".join(done.stdout.split())  # the terminal shows the same line
     rows = summary["confirmation"]
     assert [r["reference"] for r in rows][-1] == "batchnorm"
     assert len(rows) == TOP_K + 1
@@ -75,6 +82,7 @@ def test_search_confirm_verdict(tmp_path, backend):
         assert row["seeds"] == rows[0]["seeds"] and len(row["seeds"]) == SEEDS  # paired by seed
         by_number = {t.number: t for t in confirm}
         assert [by_number[n].user_attrs["seed"] for n in row["trial_numbers"]] == row["seeds"]
+        assert row["failed"] == 0 and None not in row["test_acc"]
         accs = [tests[str(n)] for n in row["trial_numbers"]]
         assert row["test_acc_mean"] == pytest.approx(sum(accs) / len(accs))
         low, high = row["test_acc_ci95"]
@@ -85,10 +93,19 @@ def test_search_confirm_verdict(tmp_path, backend):
     assert study.user_attrs["verdict"] == summary["verdict"]
     assert study.user_attrs["proxy_fidelity_n"] == summary["proxy_fidelity"]["n"]
 
+    # inconclusive: export writes the reference (all batchnorm), says why, and the docstring shows the decision
     exported = _cli("export", str(run))
     assert exported.returncode == 0, exported.stderr
+    assert "exporting batchnorm, the reference" in exported.stdout
     source = (run / "best_model.py").read_text()
-    assert f"confirmed on {SEEDS} seeds" in source and "Paired difference to batchnorm" in source
+    assert f"retrained on {SEEDS} confirmation seeds" in source and "the claim is 'inconclusive'" in source
+    assert " ".join(verdict["text"].split())[:60] in " ".join(source.split())
+    spec = yaml.safe_load((run / "best_spec.yaml").read_text())
+    assert {layer["kind"] for layer in spec["layers"].values()} == {"batchnorm"}
+    # --trial N still exports anything: the chosen configuration
+    chosen_trial = verdict["chosen"]["source_trial"]
+    assert _cli("export", str(run), "--trial", str(chosen_trial)).returncode == 0
+    assert yaml.safe_load((run / "best_spec.yaml").read_text())["trial"] == chosen_trial
 
     if backend == "optuna":  # the same command again: nothing is trained twice
         again = _cli("run", str(cfg), "--quiet")
