@@ -44,6 +44,8 @@ class EpochReport:
             as warm-up; data fetching included).
         images_per_s: training images per second this epoch (same steps as ``step_time_s``).
         elapsed_s: seconds since ``fit`` started, evaluation included.
+        clean_val_acc: with ``data.eval_corruptions``, accuracy on the uncorrupted validation
+            images (``val_acc`` is then on the corrupted ones); ``None`` otherwise.
     """
 
     epoch: int
@@ -55,6 +57,7 @@ class EpochReport:
     step_time_s: float
     images_per_s: float
     elapsed_s: float
+    clean_val_acc: Optional[float] = None
 
 
 @dataclass

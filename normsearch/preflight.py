@@ -50,7 +50,33 @@ def check_names(cfg: StudyConfig, source: Optional[str] = None) -> StudyConfig:
         if ref not in list_norms():
             raise _fail(f"search.references[{i}]", f"unknown normalizer {ref!r}; valid: {', '.join(list_norms())}",
                         source)
+    check_corruptions(cfg, source)
     return cfg
+
+
+def check_corruptions(cfg: StudyConfig, source: Optional[str] = None) -> None:
+    """``data.eval_corruptions``: known names, severities 1-5, and corruptions that apply to the
+    dataset's image shape (from its registry entry; no data is read).
+
+    Raises:
+        ConfigError: ``data.eval_corruptions[i].name: unknown corruption ...`` and the like.
+    """
+    from .data import get_dataset_info
+    from .data.corruptions import check_corruption
+
+    if "clean_val_acc" in cfg.search.objectives and not cfg.data.eval_corruptions:
+        raise _fail("search.objectives", "clean_val_acc needs data.eval_corruptions (else val_acc is the clean "
+                    "accuracy already)", source)
+    if not cfg.data.eval_corruptions:
+        return
+    info = get_dataset_info(cfg.data.dataset)
+    for i, c in enumerate(cfg.data.eval_corruptions):
+        path = f"data.eval_corruptions[{i}]"
+        try:
+            check_corruption(c.name, c.severity, info.in_channels, info.image_size, path)
+        except ValueError as err:
+            key, _, message = str(err).partition(": ")
+            raise _fail(key, message, source) from None
 
 
 def load_config(path: Union[str, Path]) -> StudyConfig:
@@ -173,4 +199,4 @@ def preflight(cfg: StudyConfig) -> dict[str, int]:
     return slots
 
 
-__all__ = ["check_model", "check_names", "check_outputs", "load_config", "preflight"]
+__all__ = ["check_corruptions", "check_model", "check_names", "check_outputs", "load_config", "preflight"]

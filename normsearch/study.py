@@ -48,6 +48,8 @@ ATTR_RETRY_OF = "retry_of"
 ATTR_STAGE = "stage"  # STAGE_SEARCH (also when missing), STAGE_CONFIRM or STAGE_HOLDOUT
 ATTR_SEED = "seed"  # training seed; an enqueued trial's own ``seed`` attr wins over cfg.seed + number
 ATTR_REFERENCE = "reference"  # name of the normalizer of a uniform reference arm
+ATTR_CLEAN_VAL = "clean_val_acc"  # with data.eval_corruptions: latest accuracy on the clean validation images
+ATTR_CLEAN_VAL_CURVE = "clean_val_acc_per_epoch"
 ATTR_SUPERNET_ACC = "enas_supernet_acc"  # ENAS: the child's score with the shared weights (fraction)
 STAGE_SEARCH = "search"
 STAGE_CONFIRM = "confirm"
@@ -61,6 +63,7 @@ STUDY_NUM_CLASSES = "num_classes"
 STUDY_CONFIRMATION = "confirmation"  # normsearch.confirm.ConfirmationResult.to_json()
 STUDY_VERDICT = "verdict"  # the decision's JSON (claim, chosen, reference, diff, ..., text)
 STUDY_TEST_ACC = "confirm_test_acc"  # {trial number: test accuracy} of confirmation and hold-out trials
+STUDY_CLEAN_TEST_ACC = "confirm_clean_test_acc"  # the same on the clean test images (data.eval_corruptions)
 STUDY_BEST_TRIAL = "best_trial_number"  # the trial whose configuration the run recommends
 STUDY_BEST_TEST_ACC = "best_test_acc"  # its (mean) test accuracy
 STUDY_FIDELITY_PREFIX = "proxy_fidelity_"  # + kendall_tau / kendall_p / spearman_rho / n
@@ -238,7 +241,7 @@ def load_study(cfg: StudyConfig) -> optuna.Study:
 
 def directions(cfg: StudyConfig) -> list[str]:
     """Optuna directions of the configured objectives (accuracy up, costs down)."""
-    return ["maximize" if m == METRIC else "minimize" for m in cfg.search.objectives]
+    return ["maximize" if m in (METRIC, ATTR_CLEAN_VAL) else "minimize" for m in cfg.search.objectives]
 
 
 def objective_values(cfg: StudyConfig, val_acc: float, attrs: Mapping[str, Any]) -> float | list[float]:

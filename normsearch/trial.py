@@ -7,6 +7,7 @@ pruner or scheduler can still be evaluated or exported.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -130,7 +131,14 @@ def run_trial(
         model, train_cfg, std_loss_layers=spec.std_loss_layers, std_loss_weight=spec.std_loss_weight, device=device
     )
 
+    clean_loader = None
+    if bundle.clean_val is not None:  # data.eval_corruptions: val is corrupted, record the clean accuracy beside it
+        clean_loader = TensorLoader(bundle.clean_val, cfg.train.eval_batch_size, shuffle=False, augment=None,
+                                    mean=bundle.mean, std=bundle.std, device=device)
+
     def on_epoch(r: EpochReport) -> Optional[bool]:
+        if clean_loader is not None:
+            r = dataclasses.replace(r, clean_val_acc=trainer.evaluate(clean_loader)[0])
         if weights_path is not None:
             save_weights(model, spec, weights_path, epoch=r.epoch, val_acc=r.val_acc)
         return report(r) if report is not None else None
@@ -140,12 +148,20 @@ def run_trial(
 
 
 def evaluate_weights(cfg: StudyConfig, path: Path, split: str = "test") -> tuple[float, float]:
-    """(accuracy as a fraction, mean cross-entropy) of saved weights on a data split."""
+    """(accuracy as a fraction, mean cross-entropy) of saved weights on a data split: ``train``,
+    ``val``, ``test``, or with ``data.eval_corruptions`` also ``clean_val`` / ``clean_test``.
+
+    Raises:
+        ValueError: ``clean_*`` without ``data.eval_corruptions``.
+    """
     bundle = load_data(cfg.data)
     device = resolve_device(cfg.train.device)
     model, spec = load_weights(cfg, path, bundle)
+    data = getattr(bundle, split)
+    if data is None:
+        raise ValueError(f"evaluate_weights: split {split!r} needs data.eval_corruptions")
     loader = TensorLoader(
-        getattr(bundle, split), cfg.train.eval_batch_size, shuffle=False, augment=None,
+        data, cfg.train.eval_batch_size, shuffle=False, augment=None,
         mean=bundle.mean, std=bundle.std, device=device,
     )
     trainer = Trainer(model, cfg.train, device=device)

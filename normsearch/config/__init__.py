@@ -21,6 +21,7 @@ from .run import (
 from .sections import (
     AugmentConfig,
     ChoiceConfig,
+    CorruptionConfig,
     DataConfig,
     LayerRuleConfig,
     ModelConfig,
@@ -33,7 +34,7 @@ from .sections import (
 )
 
 __all__ = [
-    "AugmentConfig", "ChoiceConfig", "ConfigError", "DataConfig", "EnasConfig", "FinalConfig", "LayerRuleConfig",
+    "AugmentConfig", "ChoiceConfig", "ConfigError", "CorruptionConfig", "DataConfig", "EnasConfig", "FinalConfig", "LayerRuleConfig",
     "ModelConfig", "OptimizerConfig", "RangeConfig", "RayConfig", "StudyConfig", "ScheduleConfig", "SearchConfig",
     "SpaceConfig", "StdLossConfig", "TrainConfig", "dump_config", "format_validation_error", "load_config",
     "parse_config",

@@ -92,7 +92,9 @@ class SearchConfig(_Strict):
         pruner: ``median``, ``hyperband`` or ``none`` (optuna backend; ray uses its scheduler).
         sampler_seed: seed of the sampler (``None`` = the run seed).
         max_failures: stop the study after this many failed trials.
-        objectives: ``[val_acc]`` or ``[val_acc, step_time_s|num_parameters]``.
+        objectives: ``[val_acc]`` or ``[val_acc, step_time_s|num_parameters|clean_val_acc]``
+            (``clean_val_acc``, with ``data.eval_corruptions``: the Pareto front of shifted vs
+            clean accuracy, both maximized).
         references: registered normalizer names; each becomes a uniform reference arm (that
             normalizer in every searched slot, standardization loss off), enqueued as the first
             trials of the study and confirmed beside the search's best (``[]`` = none).
@@ -107,7 +109,7 @@ class SearchConfig(_Strict):
     pruner: Literal["median", "hyperband", "none"] = "median"
     sampler_seed: Optional[int] = None
     max_failures: int = Field(5, ge=1)
-    objectives: list[Literal["val_acc", "step_time_s", "num_parameters"]] = ["val_acc"]
+    objectives: list[Literal["val_acc", "step_time_s", "num_parameters", "clean_val_acc"]] = ["val_acc"]
     references: list[str] = ["batchnorm"]
     ray: RayConfig = RayConfig()
     enas: EnasConfig = EnasConfig()
@@ -124,8 +126,10 @@ class SearchConfig(_Strict):
     @field_validator("objectives")
     @classmethod
     def _accuracy_first(cls, v: list[str]) -> list[str]:
-        if not v or v[0] != "val_acc" or len(v) > 2 or len(set(v)) != len(v):
-            raise ValueError(f"objectives must be [val_acc] or [val_acc, step_time_s|num_parameters], got {v}")
+        if not v or v[0] != "val_acc" or len(v) > 2 or len(set(v)) != len(v) or \
+                (len(v) == 2 and v[1] not in ("step_time_s", "num_parameters", "clean_val_acc")):
+            raise ValueError(f"objectives must be [val_acc] or [val_acc, step_time_s|num_parameters|clean_val_acc], "
+                             f"got {v}")
         return v
 
 

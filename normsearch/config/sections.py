@@ -25,6 +25,19 @@ class AugmentConfig(_Strict):
     flip: bool = True
 
 
+class CorruptionConfig(_Strict):
+    """One evaluation-time corruption (Hendrycks & Dietterich, ICLR 2019).
+
+    Attributes:
+        name: ``gaussian_noise``, ``brightness``, ``contrast`` or ``defocus_blur`` (checked against
+            ``normsearch.data.corruptions.CORRUPTIONS`` by preflight; this package imports no registry).
+        severity: 1 (mild) to 5 (strong).
+    """
+
+    name: str
+    severity: int = Field(3, ge=1, le=5)
+
+
 class DataConfig(_Strict):
     """Which dataset, where it lives, and how the training set is split.
 
@@ -41,6 +54,10 @@ class DataConfig(_Strict):
         test_size: evaluate on only this many test images; ``None`` = all.
         augment: training-time augmentation.
         split_seed: seed of the train/validation split (fixed across trials).
+        eval_corruptions: corruptions applied, deterministically, to the validation and test
+            images only (training stays clean): ``val_acc`` and test accuracy then mean accuracy
+            over the corrupted copies (one copy per corruption), and the clean accuracies are
+            recorded beside them (``clean_val_acc``, ``clean_test_acc``). Empty = clean evaluation.
     """
 
     dataset: str = "fashion_mnist"
@@ -51,6 +68,7 @@ class DataConfig(_Strict):
     test_size: Optional[int] = Field(None, ge=1)
     augment: AugmentConfig = AugmentConfig()
     split_seed: int = 0
+    eval_corruptions: list[CorruptionConfig] = []
 
     @field_validator("val_size")
     @classmethod

@@ -141,6 +141,7 @@ class ConfirmationResult:
                 "search_score": c.search_score, "score_source": c.score_source, "spec": c.spec.to_dict(),
                 "trial_numbers": row.trial_numbers, "seeds": row.seeds, "val_acc": row.val_acc,
                 "test_acc": row.test_acc, "failed": row.failed, "fail_reasons": row.fail_reasons,
+                "clean_test_acc": row.clean_test_acc, "clean_test_acc_mean": _ci(row.clean_test_acc)[0],
                 "test_acc_mean": t_mean, "test_acc_ci95": t_ci, "val_acc_mean": v_mean, "val_acc_ci95": v_ci,
                 "diff_vs_reference": diffs, "chosen": c.label == self.chosen,
                 "recommended": c.label == self.recommended}

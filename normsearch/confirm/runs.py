@@ -30,6 +30,7 @@ from ..study import (
     INTERRUPTED,
     STAGE_CONFIRM,
     STAGE_HOLDOUT,
+    STUDY_CLEAN_TEST_ACC,
     STUDY_TEST_ACC,
     val_acc_of,
 )
@@ -59,6 +60,7 @@ class Confirmed:
     trial_numbers: list[Optional[int]] = field(default_factory=list)
     val_acc: list[Optional[float]] = field(default_factory=list)
     test_acc: list[Optional[float]] = field(default_factory=list)
+    clean_test_acc: list[Optional[float]] = field(default_factory=list)  # data.eval_corruptions only
     failed: int = 0
     fail_reasons: list[str] = field(default_factory=list)
 
@@ -127,26 +129,28 @@ def enqueue_confirmation(study: optuna.Study, cfg: StudyConfig, candidates: Sequ
     return added
 
 
-def tested(study: optuna.Study) -> dict[int, float]:
-    """``{trial number: test accuracy}`` of the confirmation and hold-out trials tested so far."""
-    return {int(k): float(v) for k, v in study.user_attrs.get(STUDY_TEST_ACC, {}).items()}
+def tested(study: optuna.Study, key: str = STUDY_TEST_ACC) -> dict[int, float]:
+    """``{trial number: test accuracy}`` of the confirmation and hold-out trials tested so far
+    (``key=STUDY_CLEAN_TEST_ACC``: on the clean test images, with ``data.eval_corruptions``)."""
+    return {int(k): float(v) for k, v in study.user_attrs.get(key, {}).items()}
 
 
 def evaluate_tests(study: optuna.Study, cfg: StudyConfig, evaluate: Callable[[Path], float],
-                   on_done: Callable[[int, float], None] | None = None) -> dict[int, float]:
+                   on_done: Callable[[int, float], None] | None = None, key: str = STUDY_TEST_ACC) -> dict[int, float]:
     """Test accuracy of every COMPLETE confirmation and hold-out trial whose weights are on disk.
 
-    Results are kept in the study user attr ``confirm_test_acc`` so a resumed run evaluates each
-    trial once. ``evaluate(weights_path) -> accuracy`` does the work (``trial.evaluate_weights``).
+    Results are kept in the study user attr ``key`` (``confirm_test_acc``) so a resumed run
+    evaluates each trial once. ``evaluate(weights_path) -> accuracy`` does the work
+    (``trial.evaluate_weights``).
     """
-    done = tested(study)
+    done = tested(study, key)
     for t in [t for stage in STAGES for t in stage_trials(study, stage)]:
         if t.state != TrialState.COMPLETE or t.number in done:
             continue
         path = Path(t.user_attrs.get(ATTR_WEIGHTS, ""))
         if path.is_file():
             done[t.number] = float(evaluate(path))
-            study.set_user_attr(STUDY_TEST_ACC, {str(k): v for k, v in sorted(done.items())})
+            study.set_user_attr(key, {str(k): v for k, v in sorted(done.items())})
             if on_done is not None:
                 on_done(t.number, done[t.number])
     return done
@@ -156,7 +160,7 @@ def collect(study: optuna.Study, cfg: StudyConfig, candidates: Sequence[Candidat
             stage: str = STAGE_CONFIRM) -> list[Confirmed]:
     """Each candidate's runs of ``stage``, one entry per seed (``None`` where a seed has no finished
     run), with the failed ones counted and their reasons kept."""
-    tests = tested(study)
+    tests, clean = tested(study), tested(study, STUDY_CLEAN_TEST_ACC)
     trials = stage_trials(study, stage)
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     done: dict[str, FrozenTrial] = {}
@@ -177,6 +181,7 @@ def collect(study: optuna.Study, cfg: StudyConfig, candidates: Sequence[Candidat
             row.trial_numbers.append(t.number if t is not None else None)
             row.val_acc.append(float(val_acc_of(t)) if t is not None else None)  # type: ignore[arg-type]
             row.test_acc.append(tests.get(t.number) if t is not None else None)
+            row.clean_test_acc.append(clean.get(t.number) if t is not None else None)
             if t is None and key in failed:
                 row.failed += 1
                 row.fail_reasons.append(f"trial {failed[key].number}: {failed[key].user_attrs.get(ATTR_FAIL_REASON, '?')}")

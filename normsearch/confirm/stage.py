@@ -57,7 +57,7 @@ def run_confirmation(cfg: StudyConfig, space: SearchSpace, references: Mapping[s
     evaluate = _tester(cfg)
     if evaluate is not None:
         t0 = time.monotonic()
-        evaluate_tests(study, cfg, evaluate)
+        evaluate(study)
         times["test"] = time.monotonic() - t0
     result = summarize(collect(study, cfg, candidates))
     chosen = next((c for c in candidates if c.label == result.chosen), None)
@@ -66,16 +66,25 @@ def run_confirmation(cfg: StudyConfig, space: SearchSpace, references: Mapping[s
         t0 = time.monotonic()
         _train(cfg, space, backend, [chosen, ref], STAGE_HOLDOUT, cfg.final.holdout_seeds, progress)
         if evaluate is not None:
-            evaluate_tests(study, cfg, evaluate)
+            evaluate(study)
         times["holdout"] = time.monotonic() - t0
         result = summarize(result.rows, collect(study, cfg, [chosen, ref], STAGE_HOLDOUT))
     return result, times
 
 
 def _tester(cfg: StudyConfig) -> Any:
-    """``weights path -> test accuracy`` (``None`` when ``final.evaluate_test`` is off)."""
+    """``study -> None``: test every confirmation and hold-out model not tested yet, on the (possibly
+    corrupted) test images and, with ``data.eval_corruptions``, on the clean ones too; ``None`` when
+    ``final.evaluate_test`` is off."""
     if not cfg.final.evaluate_test:
         return None
+    from ..study import STUDY_CLEAN_TEST_ACC
     from ..trial import evaluate_weights
 
-    return lambda path: evaluate_weights(cfg, path, "test")[0]
+    def evaluate(study: Any) -> None:
+        evaluate_tests(study, cfg, lambda path: evaluate_weights(cfg, path, "test")[0])
+        if cfg.data.eval_corruptions:
+            evaluate_tests(study, cfg, lambda path: evaluate_weights(cfg, path, "clean_test")[0],
+                           key=STUDY_CLEAN_TEST_ACC)
+
+    return evaluate

@@ -8,6 +8,7 @@ never looks at the test set; the test set is for final reports only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -56,6 +57,9 @@ class DataBundle:
         image_size: (H, W) in pixels.
         mean: per-channel mean of ``train`` pixels, in [0, 1] units (pixel / 255).
         std: per-channel population standard deviation of ``train`` pixels, in [0, 1] units.
+        clean_val, clean_test: with ``data.eval_corruptions``, the uncorrupted validation and test
+            splits (``val``/``test`` then hold one corrupted copy per corruption, concatenated);
+            ``None`` otherwise.
     """
 
     name: str
@@ -67,6 +71,8 @@ class DataBundle:
     image_size: tuple[int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    clean_val: Optional[TensorSplit] = None
+    clean_test: Optional[TensorSplit] = None
 
 
 def stratified_order(y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -188,8 +194,32 @@ def load_data(cfg: DataConfig) -> DataBundle:
         test_order = stratified_order(raw.test_y, torch.Generator().manual_seed(cfg.split_seed + 1))
         test = _take(raw.test_x, raw.test_y, test_order[:cfg.test_size])
     mean, std = channel_stats(train.x)
+    clean_val = clean_test = None
+    if cfg.eval_corruptions:
+        clean_val, clean_test = val, test
+        val, test = corrupted_split(val, cfg, 0), corrupted_split(test, cfg, 1)
     return DataBundle(name=info.name, train=train, val=val, test=test, num_classes=info.num_classes,
-                      in_channels=info.in_channels, image_size=info.image_size, mean=mean, std=std)
+                      in_channels=info.in_channels, image_size=info.image_size, mean=mean, std=std,
+                      clean_val=clean_val, clean_test=clean_test)
+
+
+def corrupted_split(split: TensorSplit, cfg: DataConfig, which: int) -> TensorSplit:
+    """One corrupted copy of ``split`` per ``cfg.eval_corruptions`` entry, concatenated (labels
+    repeated), so accuracy on it is the mean of the per-corruption accuracies. Seeded by
+    ``split_seed`` and ``which`` (0 validation, 1 test): identical in every trial.
+
+    Raises:
+        ConfigError: ``data.eval_corruptions[i]...``: a corruption that is unknown or does not apply.
+    """
+    from normsearch.data.corruptions import corrupt
+
+    xs = []
+    for i, c in enumerate(cfg.eval_corruptions):
+        try:
+            xs.append(corrupt(split.x, c.name, c.severity, seed=cfg.split_seed * 10 + which))
+        except ValueError as err:
+            raise ConfigError(f"data.eval_corruptions[{i}]: {err}".replace(": corruption", "")) from None
+    return TensorSplit(torch.cat(xs).contiguous(), split.y.repeat(len(xs)).contiguous())
 
 
 __all__ = ["DataBundle", "TensorSplit", "channel_stats", "load_data", "stratified_order"]

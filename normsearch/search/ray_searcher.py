@@ -40,6 +40,7 @@ class EpochRow:
         self.train_loss = float(result.get("train_loss", float("nan")))
         self.step_time_s = float(result["step_time_s"])
         self.images_per_s = float(result["images_per_s"])
+        self.clean_val_acc = None if result.get("clean_val_acc") is None else float(result["clean_val_acc"])
 
 
 class RecordingOptunaSearch(Searcher):

@@ -32,6 +32,8 @@ from ..study import (
     ATTR_NUM_PARAMETERS,
     ATTR_RETRY_OF,
     ATTR_SEED,
+    ATTR_CLEAN_VAL,
+    ATTR_CLEAN_VAL_CURVE,
     ATTR_STAGE,
     ATTR_STEP_TIME,
     ATTR_STOPPED_BY,
@@ -149,6 +151,7 @@ class TrialRecorder:
         self._heartbeat: Optional[_Heartbeat] = None
         self._ids: dict[int, int] = {}  # trial number -> storage trial id
         self._curves: dict[int, list[float]] = {}  # validation accuracy per epoch, per trial
+        self._clean_curves: dict[int, list[float]] = {}  # clean validation accuracy per epoch (eval_corruptions)
         self._last_epoch: dict[int, int] = {}  # last epoch recorded, per trial
         self._costs: dict[int, dict[str, Any]] = {}  # latest step time and parameter count, per trial
         self._finished: set[int] = set()
@@ -272,6 +275,12 @@ class TrialRecorder:
         else:
             self._set(number, {ATTR_VAL_CURVE: list(curve)})
         self._timing(number, report.epoch, report.step_time_s, report.images_per_s)
+        clean = getattr(report, "clean_val_acc", None)
+        if clean is not None:
+            clean_curve = self._clean_curves.setdefault(number, [])
+            clean_curve.append(float(clean))
+            self._costs.setdefault(number, {})[ATTR_CLEAN_VAL] = float(clean)
+            self._set(number, {ATTR_CLEAN_VAL: float(clean), ATTR_CLEAN_VAL_CURVE: list(clean_curve)})
         self.progress.epoch_done(number, report)
         return True
 
