@@ -98,6 +98,28 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    import optuna
+
+    from .audit import audit_lines, run_audit
+    from .preflight import load_config
+    from .runner import prepare
+    from .spaces import resolve_config
+
+    cfg = load_config(str(resolve_config(args.config)))
+    if args.run_dir:
+        cfg = cfg.model_copy(update={"run_dir": args.run_dir})
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    space = prepare(cfg)
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
+    result = run_audit(cfg, space, max_configs=args.max_configs, repetitions=args.repetitions, budgets=budgets,
+                       progress=not args.quiet)
+    for line in audit_lines(result):
+        print(line)
+    print(f"written: {cfg.resolved_run_dir() / 'audit.json'} and {cfg.resolved_run_dir() / 'audit'}/*.png")
+    return 0
+
+
 def _cmd_spaces(args: argparse.Namespace) -> int:
     from .spaces import format_spaces, list_spaces
 
@@ -164,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", help="search-space YAML file or bundled name, e.g. cifar_resnet20")
     c.add_argument("--steps", type=int, default=4, help="training steps timed per configuration (2 are warm-up; >= 3)")
     c.set_defaults(func=_cmd_check)
+    a = sub.add_parser("audit", help="train every configuration of a small space on paired seeds (the exhaustive "
+                       "table), then replay random search, TPE and TPE+pruner against it")
+    a.add_argument("config", help="search-space YAML file or bundled name")
+    a.add_argument("--run-dir", help="override run_dir (the study the audit trials go into)")
+    a.add_argument("--max-configs", type=int, default=64, help="refuse spaces with more configurations (default 64)")
+    a.add_argument("--repetitions", type=int, default=50, help="replays per strategy and budget (default 50)")
+    a.add_argument("--budgets", help="comma-separated trial budgets to replay (default: powers of two and n_trials)")
+    a.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    a.set_defaults(func=_cmd_audit)
     sp = sub.add_parser("spaces", help="list the bundled search spaces (use their names with run and check)")
     sp.set_defaults(func=_cmd_spaces)
     e = sub.add_parser("export", help="write best_model.py and best_spec.yaml for a run's best trial")

@@ -142,6 +142,26 @@ def _build_cpu_kernels(cfg: StudyConfig) -> None:
         _cpu_ext.kernels()
 
 
+def open_run(cfg: StudyConfig) -> tuple[Any, Any]:
+    """Write the run directory's ``config.yaml``, load the data, build the CPU kernels the space
+    needs, and create (or open) the study with its model/data attrs. Call after :func:`prepare`.
+
+    Returns:
+        ``(study, bundle)``.
+    """
+    run_dir = cfg.resolved_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    bundle = load_data(cfg.data)
+    _build_cpu_kernels(cfg)
+    study = create_study(cfg)
+    study.set_user_attr(STUDY_MODEL, cfg.model.name)
+    study.set_user_attr(STUDY_DATASET, cfg.data.dataset)
+    study.set_user_attr(STUDY_IN_CHANNELS, bundle.in_channels)
+    study.set_user_attr(STUDY_NUM_CLASSES, bundle.num_classes)
+    return study, bundle
+
+
 def _record_result(study: Any, summary: RunSummary, result: Any) -> None:
     """Put the confirmation result on the study (user attrs) and the summary."""
     doc = result.to_json()
@@ -184,16 +204,8 @@ def run(cfg: StudyConfig, *, progress: bool = True, space: Optional[SearchSpace]
         print(f"normsearch: note: {note}", file=sys.stderr)
     backend = get_backend(cfg.search.backend)
     run_dir = cfg.resolved_run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    bundle = load_data(cfg.data)
-    _build_cpu_kernels(cfg)
-    study = create_study(cfg)
+    study, bundle = open_run(cfg)
     confirm.enqueue_references(study, references)  # before any backend opens its recorder
-    study.set_user_attr(STUDY_MODEL, cfg.model.name)
-    study.set_user_attr(STUDY_DATASET, cfg.data.dataset)
-    study.set_user_attr(STUDY_IN_CHANNELS, bundle.in_channels)
-    study.set_user_attr(STUDY_NUM_CLASSES, bundle.num_classes)
     with SearchProgress(cfg.search.n_trials, cfg.train.epochs, enabled=progress) as prog:
         backend.search(cfg, space, prog)
     study = load_study(cfg)

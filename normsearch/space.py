@@ -102,6 +102,22 @@ def _probe_values(domain: Domain | None, fixed: Any) -> list[Any]:
     return [cast(domain.low), cast(domain.high)]
 
 
+def _finite_values(dom: Domain, name: str) -> list[Any]:
+    """All values of a categorical or integer domain.
+
+    Raises:
+        ValueError: a continuous (float) range.
+    """
+    if isinstance(dom, Categorical):
+        return list(dom.values)
+    if not dom.integer:
+        raise ValueError(f"{name} is a continuous range ({dom.low:g} to {dom.high:g}): not enumerable; "
+                         "give it a list of values")
+    if dom.log and dom.step is None:
+        return list(range(int(dom.low), int(dom.high) + 1))
+    return list(range(int(dom.low), int(dom.high) + 1, int(dom.step or 1)))
+
+
 def _parse_choice(c: ChoiceConfig, path: str, slots: Mapping[str, int], labels: Sequence[str]) -> Choice:
     try:
         entry = get_norm_entry(c.kind)
@@ -290,6 +306,40 @@ class SearchSpace:
             for arg, dom in choice.searched:
                 params[f"{d.name}.{choice.label}.{arg}"] = _probe_values(dom, None)[0]
         return params
+
+    def all_params(self, limit: int) -> list[dict[str, Any]]:
+        """Every configuration of the space as flat params (as :meth:`decode` reads them), in
+        odometer order of the questions :meth:`walk` asks (define-by-run: a choice's own arguments
+        are asked only where that choice is taken).
+
+        Raises:
+            ValueError: a continuous range (not enumerable: the message names the parameter), or
+                more than ``limit`` configurations.
+        """
+        out: list[dict[str, Any]] = []
+        prefix: list[int] = []
+        while True:
+            sizes: list[int] = []
+            params: dict[str, Any] = {}
+
+            def ask(name: str, dom: Domain) -> Any:
+                values = _finite_values(dom, name)
+                i = prefix[len(sizes)] if len(sizes) < len(prefix) else 0
+                sizes.append(len(values))
+                params[name] = values[i]
+                return values[i]
+
+            self.walk(ask)
+            out.append(params)
+            if len(out) > limit:
+                raise ValueError(f"the space has more than {limit} configurations")
+            digits = prefix + [0] * (len(sizes) - len(prefix))
+            while digits and digits[-1] + 1 >= sizes[len(digits) - 1]:
+                digits.pop()
+            if not digits:
+                return out
+            digits[-1] += 1
+            prefix = digits
 
     def __len__(self) -> int:
         return len(self.decisions)

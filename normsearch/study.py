@@ -54,6 +54,7 @@ ATTR_SUPERNET_ACC = "enas_supernet_acc"  # ENAS: the child's score with the shar
 STAGE_SEARCH = "search"
 STAGE_CONFIRM = "confirm"
 STAGE_HOLDOUT = "holdout"  # the chosen configuration and the reference on fresh seeds after the choice
+STAGE_AUDIT = "audit"  # `normsearch audit`: every configuration of a small space on paired seeds
 
 # Study (not trial) user attrs: every reader and writer uses these names.
 STUDY_MODEL = "model"

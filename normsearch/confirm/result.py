@@ -30,14 +30,14 @@ def _ci(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[li
     return mean, [low, high]
 
 
-def _clean(x: Any) -> Any:
-    """JSON-safe: NaN -> None, recursively."""
+def json_safe(x: Any) -> Any:
+    """JSON-safe: NaN -> None, recursively (dicts, lists, tuples)."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
@@ -105,7 +105,7 @@ class ConfirmationResult:
             text = ("no reference arm (search.references is empty): nothing to compare against"
                     if not any(r.candidate.reference for r in self.rows)
                     else "no searched configuration finished a confirmation run")
-            return _clean({"claim": "inconclusive", "chosen": who(self.chosen), "reference": None,
+            return json_safe({"claim": "inconclusive", "chosen": who(self.chosen), "reference": None,
                            "recommended": self.recommended, "diff": None, "adjusted_for": 0, "method": None,
                            "detectable_diff": None, "failed_runs": self.failed_runs(), "text": text})
         out = self.decision.to_json()
@@ -116,7 +116,7 @@ class ConfirmationResult:
                    failed_runs=failed, stage="holdout" if self.selection is not None else "confirm")
         if self.selection is not None:
             out["selection"] = self.selection.to_json()
-        return _clean(out)
+        return json_safe(out)
 
     def failed_runs(self) -> dict[str, int]:
         """Per configuration, confirmation and hold-out runs that failed (without a decision; the
@@ -153,7 +153,7 @@ class ConfirmationResult:
         m = max(1, sum(1 for r in self.rows if not r.candidate.reference))
         first = refs[0] if refs else None
         hold_ref = next((r for r in self.holdout_rows if r.candidate.reference), None)
-        return _clean({
+        return json_safe({
             "confirmation": [self._row_json(r, first, m) for r in self.rows],
             "holdout": [self._row_json(r, hold_ref, 1) for r in self.holdout_rows],
             "verdict": self.verdict_json(), "regret": self.regret, "proxy_fidelity": self.fidelity,

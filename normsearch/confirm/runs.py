@@ -136,15 +136,17 @@ def tested(study: optuna.Study, key: str = STUDY_TEST_ACC) -> dict[int, float]:
 
 
 def evaluate_tests(study: optuna.Study, cfg: StudyConfig, evaluate: Callable[[Path], float],
-                   on_done: Callable[[int, float], None] | None = None, key: str = STUDY_TEST_ACC) -> dict[int, float]:
-    """Test accuracy of every COMPLETE confirmation and hold-out trial whose weights are on disk.
+                   on_done: Callable[[int, float], None] | None = None, key: str = STUDY_TEST_ACC,
+                   stages: Sequence[str] = STAGES) -> dict[int, float]:
+    """Test accuracy of every COMPLETE trial of ``stages`` (confirmation and hold-out) whose weights
+    are on disk.
 
     Results are kept in the study user attr ``key`` (``confirm_test_acc``) so a resumed run
     evaluates each trial once. ``evaluate(weights_path) -> accuracy`` does the work
     (``trial.evaluate_weights``).
     """
     done = tested(study, key)
-    for t in [t for stage in STAGES for t in stage_trials(study, stage)]:
+    for t in [t for stage in stages for t in stage_trials(study, stage)]:
         if t.state != TrialState.COMPLETE or t.number in done:
             continue
         path = Path(t.user_attrs.get(ATTR_WEIGHTS, ""))
