@@ -109,11 +109,18 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     cfg = load_config(str(resolve_config(args.config)))
     if args.run_dir:
         cfg = cfg.model_copy(update={"run_dir": args.run_dir})
+    if args.backend:
+        cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"backend": args.backend})})
+        cfg = type(cfg).model_validate(cfg.model_dump(exclude_unset=True))
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     space = prepare(cfg)
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
-    result = run_audit(cfg, space, max_configs=args.max_configs, repetitions=args.repetitions, budgets=budgets,
-                       progress=not args.quiet)
+    try:
+        result = run_audit(cfg, space, max_configs=args.max_configs, repetitions=args.repetitions, budgets=budgets,
+                           progress=not args.quiet)
+    except RuntimeError as err:  # some runs failed: the table is incomplete, the study keeps what ran
+        print(f"normsearch: {err}", file=sys.stderr)
+        return 1
     for line in audit_lines(result):
         print(line)
     print(f"written: {cfg.resolved_run_dir() / 'audit.json'} and {cfg.resolved_run_dir() / 'audit'}/*.png")
@@ -193,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-configs", type=int, default=64, help="refuse spaces with more configurations (default 64)")
     a.add_argument("--repetitions", type=int, default=50, help="replays per strategy and budget (default 50)")
     a.add_argument("--budgets", help="comma-separated trial budgets to replay (default: powers of two and n_trials)")
+    a.add_argument("--backend", choices=list_backends(), help="override search.backend for the audit's training")
     a.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
     a.set_defaults(func=_cmd_audit)
     sp = sub.add_parser("spaces", help="list the bundled search spaces (use their names with run and check)")

@@ -92,7 +92,9 @@ def extra_lines(result: Mapping[str, Any]) -> list[str]:
                      f"({regret['n']} seeds; 0 when they are the same)")
     fid = result.get("proxy_fidelity") or {}
     if fid.get("note"):
-        lines.append(f"proxy fidelity (search score vs confirmed test mean): {fid['note']}")
+        rho = fid.get("spearman_rho")
+        lines.append("proxy fidelity (search score vs confirmed test mean): "
+                     + ("" if rho is None else f"Spearman rho {rho:+.2f}; ") + fid["note"])
     failed = (result.get("verdict") or {}).get("failed_runs") if isinstance(result.get("verdict"), Mapping) else None
     if failed:
         lines.append("failed runs: " + ", ".join(f"{label} {n}" for label, n in failed.items()))
@@ -125,7 +127,7 @@ def plot_confirmation(result: Mapping[str, Any], path: Path) -> Path:
         ax.axvline(100 * ref_row[f"{key}_mean"], color="#888888", ls=":", lw=1)
     ax.set_yticks(range(len(rows)), labels)
     ax.invert_yaxis()
-    ax.set_xlabel(f"{'test' if use_test else 'validation'} accuracy (%), mean and 95 % CI over seeds (* chosen)")
+    ax.set_xlabel(f"{'test' if use_test else 'validation'} accuracy (%), mean, 95 % CI (* chosen)")
     if refs:
         ax2 = axes[1]
         for i, r in enumerate(rows):
@@ -139,7 +141,7 @@ def plot_confirmation(result: Mapping[str, Any], path: Path) -> Path:
         ax2.axvline(0, color="#888888", lw=1)
         ax2.set_yticks(range(len(rows)), [""] * len(rows))
         ax2.invert_yaxis()
-        ax2.set_xlabel(f"paired test difference to {refs[0]} (points), 95 % CI adjusted for the candidates")
+        ax2.set_xlabel(f"vs {refs[0]}, same seeds (test points; 95 % CI adjusted)")
     return _save(fig, path)
 
 

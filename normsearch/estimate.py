@@ -331,8 +331,10 @@ def estimate(cfg: StudyConfig, timings: tuple[Timing, Timing]) -> Estimate:
     confirm_s, confirm = (0.0, 0.0), ""
     if cfg.final.confirm:
         runs = (cfg.final.top_k + len(s.references)) * cfg.final.seeds
+        runs += 2 * cfg.final.holdout_seeds if s.references else 0  # hold-out: the chosen one and the reference
         c_epochs = cfg.final.epochs or e
         n_test = cfg.data.test_size or sum(TEST_IMAGES.get(leaf.name, 10000) for leaf in _leaves(cfg.data.dataset))
+        n_test *= len(cfg.data.eval_corruptions) + 1 if cfg.data.eval_corruptions else 1  # corrupted copies + clean
         test = [runs * n_test * t.eval_s_per_image if cfg.final.evaluate_test else 0.0 for t in timings]  # serial
         confirm_s = tuple(math.ceil(runs / conc) * c_epochs * es + ts for es, ts in zip(epoch_s, test))
         confirm = (f"confirmation included: {runs} runs x {c_epochs} epochs + testing on {n_test} images "

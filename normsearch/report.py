@@ -33,10 +33,12 @@ from .study import (
     run_config, search_trials, states_count, trial_spec,
 )
 
+from .audit.figures import FIGURES as AUDIT_FIGURES, audit_section
+
 REPORT_DIR = "report"
 #: Every figure the report may write (removed first, so a re-run leaves no stale picture).
 FIGURES = ("best_vs_trial.png", "learning_curves.png", "choice_map.png", "importances.png",
-           "switchnorm_weights.png", "modenorm_gates.png", "pareto.png", *confirm_report.FIGURES)
+           "switchnorm_weights.png", "modenorm_gates.png", "pareto.png", *confirm_report.FIGURES, *AUDIT_FIGURES)
 MIN_IMPORTANCE_TRIALS = 3
 #: Display names of the ``search.objectives`` metrics.
 _OBJECTIVE_NAMES = {"val_acc": "validation accuracy", "step_time_s": "step time (s)", "num_parameters": "parameters"}
@@ -381,6 +383,7 @@ def write_report(run_dir: Path) -> list[Path]:
                                                   expected=run.cfg.final.confirm)
     for section in (_progress_section, _best_section, _pareto_section, _importance_section, _learned_section):
         blocks += section(run, out)
+    blocks += audit_section(run.run_dir, out)
     if run.notes:
         blocks += [("h2", "Notes"), ("list", list(run.notes))]
     title = f"normsearch report: {run.study.study_name}"

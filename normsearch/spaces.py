@@ -85,6 +85,7 @@ class SpaceInfo:
         epochs: ``train.epochs`` per trial.
         purpose: the file's first comment line (its ``#`` stripped).
         path: the file.
+        expected_winner: for a known-answer space, its ``# Expected winner:`` header line (else "").
     """
 
     name: str
@@ -95,12 +96,21 @@ class SpaceInfo:
     backend: str
     purpose: str
     path: Path
+    expected_winner: str = ""
 
 
 def _purpose(text: str) -> str:
     for line in text.splitlines():
         if line.startswith("#"):
             return line.lstrip("#").strip()
+    return ""
+
+
+def _expected_winner(text: str) -> str:
+    """The ``# Expected winner: ...`` header line of a known-answer space, without its prefix."""
+    for line in text.splitlines():
+        if line.startswith("# Expected winner:"):
+            return line.removeprefix("# Expected winner:").strip()
     return ""
 
 
@@ -112,7 +122,7 @@ def describe(path: Path) -> SpaceInfo:
     """
     cfg = load_config(path)
     return SpaceInfo(path.stem, cfg.model.name, cfg.data.dataset, cfg.search.n_trials, cfg.train.epochs,
-                     cfg.search.backend, _purpose(path.read_text()), path)
+                     cfg.search.backend, _purpose(path.read_text()), path, _expected_winner(path.read_text()))
 
 
 def list_spaces() -> list[SpaceInfo]:
@@ -125,8 +135,11 @@ def list_spaces() -> list[SpaceInfo]:
 
 
 def format_spaces(infos: list[SpaceInfo]) -> str:
-    """A plain-text table (one header line, one line per space) for ``normsearch spaces``."""
+    """A plain-text table (one header line, one line per space) for ``normsearch spaces``; a
+    known-answer space's purpose ends with its expected winner."""
     rows = [("name", "model", "dataset", "trials", "epochs", "backend", "purpose")]
-    rows += [(i.name, i.model, i.dataset, str(i.trials), str(i.epochs), i.backend, i.purpose) for i in infos]
+    rows += [(i.name, i.model, i.dataset, str(i.trials), str(i.epochs), i.backend,
+              i.purpose + (f" [expected winner: {i.expected_winner}; audit table in the file's header]"
+                           if i.expected_winner else "")) for i in infos]
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1] for r in rows)

@@ -127,3 +127,23 @@ final: {{seeds: 2}}
                             "--repetitions", "2", "--budgets", "2"], capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(optuna.load_study(study_name="a", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}").get_trials()) == 8
+
+
+@pytest.mark.needs_fashion_mnist
+def test_cli_refuses_a_space_too_large_and_writes_nothing(tmp_path, capsys, fashion_mnist_root):
+    from normsearch.cli import main
+
+    config = tmp_path / "big.yaml"
+    config.write_text(f"""\
+name: big
+run_dir: {tmp_path / 'run'}
+data: {{dataset: fashion_mnist, root: {fashion_mnist_root}, train_size: 100, val_size: 100}}
+model: {{name: lenet}}
+space:
+  layers:
+    - choices: [batchnorm, instancenorm, layernorm]
+""")
+    code = main(["audit", str(config), "--max-configs", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "more than 4 configurations" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "study.db").exists()

@@ -155,6 +155,21 @@ def _staged(table, top_k=2, **cfg_over):
     return cfg, space, study, cands, table, a, b
 
 
+def _run_staged(table, **fake):
+    """Stage, enqueue, run (fake) and test every confirmation run; ``(cfg, space, study, cands, table, a, b)``."""
+    cfg, space, study, cands, table, a, b = _staged(table)
+    confirm.enqueue_confirmation(study, cfg, cands)
+    _fake_run(study, cfg, space, cands, lambda label, i: table[label][i], **fake)
+    return cfg, space, study, cands, table, a, b
+
+
+def _decided(table):
+    """The confirmation result's JSON for a table of per-seed accuracies (tested at ``value - 0.01``)."""
+    cfg, space, study, cands, table, a, b = _run_staged(table)
+    _set_tests(study, table, cands, cfg)
+    return confirm.summarize(confirm.collect(study, cfg, cands)).to_json(), a
+
+
 def test_enqueue_collect_and_summarize_against_scipy():
     cfg, space, study, cands, table, a, b = _staged(
         {"trial {a}": [0.81, 0.83, 0.82], "trial {b}": [0.70, 0.74, 0.69], "batchnorm": [0.80, 0.80, 0.81]})
@@ -199,11 +214,8 @@ def test_defect1_verdict_and_export_name_the_same_configuration():
     # exporting a; now the decision is about a (chosen on validation) and the export follows it
     from normsearch.export import recommended_row
 
-    cfg, space, study, cands, table, a, b = _staged(
+    cfg, space, study, cands, table, a, b = _run_staged(
         {"trial {a}": [0.83, 0.84, 0.835], "trial {b}": [0.80, 0.81, 0.805], "batchnorm": [0.80, 0.80, 0.81]})
-    confirm.enqueue_confirmation(study, cfg, cands)
-    _fake_run(study, cfg, space, cands, lambda label, i: table[label][i])
-    _set_tests(study, table, cands, cfg)
     tests = confirm.tested(study)
     for t in confirm.stage_trials(study):  # b gains 5 points on test, a nothing
         gain = 0.05 + 0.002 * (t.number % 3) if t.user_attrs[ATTR_SPEC] == cands[1].spec.to_dict() else 0.0
@@ -217,11 +229,10 @@ def test_defect1_verdict_and_export_name_the_same_configuration():
 
 
 def test_defect3_and_5_failed_and_untested_runs_are_kept_in_line_and_block_the_claim():
-    cfg, space, study, cands, table, a, b = _staged(
-        {"trial {a}": [0.90, 0.91, 0.92], "trial {b}": [0.70, 0.74, 0.69], "batchnorm": [0.80, 0.80, 0.81]})
-    confirm.enqueue_confirmation(study, cfg, cands)
-    _fake_run(study, cfg, space, cands, lambda label, i: table[label][i],
-              fail=lambda label, i: label == f"trial {b}" and i == 1)
+    cfg, space, study, cands, table, a, b = _run_staged(
+        {"trial {a}": [0.90, 0.91, 0.92], "trial {b}": [0.70, 0.74, 0.69], "batchnorm": [0.80, 0.80, 0.81]},
+        fail=lambda label, i: label == "trial 2" and i == 1)  # b, the study's third trial
+    assert b == 2
     _set_tests(study, table, cands, cfg, skip={(f"trial {a}", 2)})  # a's third model was never tested
     rows = confirm.collect(study, cfg, cands)
     by_label = {r.candidate.label: r for r in rows}
@@ -275,3 +286,19 @@ def test_summarize_without_references_or_runs():
     assert doc["chosen"] is None and "nothing to compare" in doc["verdict"]["text"]
     assert doc["verdict"]["claim"] == "inconclusive"
     assert doc["confirmation"][0]["test_acc_mean"] is None
+
+
+def test_defect8_inconclusive_exports_the_reference_and_says_why():
+    from normsearch.export import recommended_row, why_exported
+
+    doc, a = _decided({"trial {a}": [0.83, 0.79, 0.86], "trial {b}": [0.70, 0.74, 0.69], "batchnorm": [0.80, 0.80, 0.81]})
+    assert doc["verdict"]["claim"] == "inconclusive" and doc["chosen"] == f"trial {a}"
+    row = recommended_row(doc)
+    assert row["label"] == "batchnorm" and row["reference"] == "batchnorm"
+    line = why_exported(doc)
+    assert line.startswith("exporting batchnorm, the reference, because the claim is 'inconclusive'")
+    assert doc["verdict"]["text"] in line
+    # a clear gain on 3 seeds: the chosen configuration is exported
+    doc, a = _decided({"trial {a}": [0.90, 0.91, 0.905], "trial {b}": [0.70, 0.74, 0.69], "batchnorm": [0.80, 0.805, 0.80]})
+    assert doc["verdict"]["claim"] == "beats" and recommended_row(doc)["label"] == f"trial {a}"
+    assert why_exported(doc).startswith(f"exporting trial {a}, chosen on validation: trial {a} beats batchnorm")

@@ -73,5 +73,29 @@ def audit_lines(result: Mapping[str, Any], top: int = 5) -> list[str]:
     return lines
 
 
+def audit_section(run_dir: Path, out: Path) -> list[Any]:
+    """The report's "Known answers: the exhaustive table" section (``[]`` without ``audit.json``)."""
+    from .stage import load_audit
+
+    result = load_audit(run_dir)
+    if not result:
+        return []
+    plot_audit(result, out)
+    headers = ["rank", "configuration", "test % (95 % CI)", "tied with best"]
+    rows = []
+    for r in result["table"]:
+        low, high = r["test_ci95"]
+        ci = "" if low is None else f" ({low:.2f} to {high:.2f})"
+        rows.append([str(r["rank"]), r["label"], f"{r['test_mean']:.2f}{ci}", "yes" if r["tied_with_best"] else ""])
+    lines = audit_lines(result)
+    return [("h2", "Known answers: the exhaustive table (normsearch audit)"), ("p", lines[0]),
+            ("img", FIGURES[0], "Each search strategy replayed against the table (no training): mean simple regret "
+             "(test points below the table's best) and hit rate vs the number of finished trials; random search "
+             "in grey is the baseline."),
+            ("img", FIGURES[1], lines[-1]),
+            ("list", [line.strip() for line in lines if line.startswith("  ") and "budget" in line]),
+            ("table", headers, rows)]
+
+
 def _kinds(row: Mapping[str, Any]) -> list[str]:
     return [layer["kind"] for layer in row["spec"]["layers"].values()]
