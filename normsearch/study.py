@@ -129,7 +129,15 @@ def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
         return NSGAIISampler(seed=seed)
     with warnings.catch_warnings():  # multivariate/group/constant_liar are flagged experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                          n_startup_trials=tpe_startup_trials(cfg))
+
+
+def tpe_startup_trials(cfg: StudyConfig) -> int:
+    """``search.tpe_startup_trials``, or by default a quarter of ``search.n_trials`` between 2 and 10."""
+    if cfg.search.tpe_startup_trials is not None:
+        return cfg.search.tpe_startup_trials
+    return max(2, min(10, cfg.search.n_trials // 4))
 
 
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:

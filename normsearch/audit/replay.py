@@ -34,12 +34,14 @@ from .table import AuditTable, spec_key
 STRATEGIES = ("random", "tpe", "tpe+pruner")
 
 
-def strategy_parts(cfg: StudyConfig, strategy: str, seed: int) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner]:
-    """The sampler and pruner a strategy replays with (seeded by ``seed``)."""
+def strategy_parts(cfg: StudyConfig, strategy: str, seed: int,
+                   budget: int) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner]:
+    """The sampler and pruner a strategy replays with (seeded by ``seed``), configured as a study of
+    ``budget`` trials would be (TPE's random start-up trials scale with ``search.n_trials``)."""
     from ..study import make_pruner, make_sampler
 
     kind = "random" if strategy == "random" else "tpe"
-    search = cfg.search.model_copy(update={"sampler": kind, "sampler_seed": seed})
+    search = cfg.search.model_copy(update={"sampler": kind, "sampler_seed": seed, "n_trials": budget})
     sampler = make_sampler(cfg.model_copy(update={"search": search}))
     if strategy != "tpe+pruner":
         return sampler, optuna.pruners.NopPruner()
@@ -56,7 +58,7 @@ def replay_once(table: AuditTable, space: SearchSpace, cfg: StudyConfig, strateg
     ``hit`` and ``trial_epochs`` (epochs it trained, pruned trials counting their rungs)."""
     rows = table.by_key()
     rng = np.random.default_rng(seed)
-    sampler, pruner = strategy_parts(cfg, strategy, seed)
+    sampler, pruner = strategy_parts(cfg, strategy, seed, budget)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
     epochs_used = 0
     labels: dict[int, str] = {}

@@ -91,6 +91,9 @@ class SearchConfig(_Strict):
         sampler: ``tpe``, ``random`` or ``nsga2`` (multi-objective).
         pruner: ``median``, ``hyperband`` or ``none`` (optuna backend; ray uses its scheduler).
         sampler_seed: seed of the sampler (``None`` = the run seed).
+        tpe_startup_trials: random trials before TPE starts modelling (``None`` = a quarter of
+            ``n_trials``, between 2 and 10). Optuna's own default of 10 makes TPE pure random search
+            in every study of 10 trials or fewer (measured with ``normsearch audit``).
         max_failures: stop the study after this many failed trials.
         objectives: ``[val_acc]`` or ``[val_acc, step_time_s|num_parameters|clean_val_acc]``
             (``clean_val_acc``, with ``data.eval_corruptions``: the Pareto front of shifted vs
@@ -108,6 +111,7 @@ class SearchConfig(_Strict):
     sampler: Literal["tpe", "random", "nsga2"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     sampler_seed: Optional[int] = None
+    tpe_startup_trials: Optional[int] = Field(None, ge=1)
     max_failures: int = Field(5, ge=1)
     objectives: list[Literal["val_acc", "step_time_s", "num_parameters", "clean_val_acc"]] = ["val_acc"]
     references: list[str] = ["batchnorm"]
