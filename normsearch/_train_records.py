@@ -46,6 +46,9 @@ class EpochReport:
         elapsed_s: seconds since ``fit`` started, evaluation included.
         clean_val_acc: with ``data.eval_corruptions``, accuracy on the uncorrupted validation
             images (``val_acc`` is then on the corrupted ones); ``None`` otherwise.
+        test_acc, clean_test_acc: with ``train.eval_test``, test accuracy after this epoch (and on
+            the clean test images with ``data.eval_corruptions``); never used for choices; ``None``
+            where the test split was not evaluated.
     """
 
     epoch: int
@@ -58,6 +61,8 @@ class EpochReport:
     images_per_s: float
     elapsed_s: float
     clean_val_acc: Optional[float] = None
+    test_acc: Optional[float] = None
+    clean_test_acc: Optional[float] = None
 
 
 @dataclass

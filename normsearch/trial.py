@@ -131,14 +131,22 @@ def run_trial(
         model, train_cfg, std_loss_layers=spec.std_loss_layers, std_loss_weight=spec.std_loss_weight, device=device
     )
 
-    clean_loader = None
-    if bundle.clean_val is not None:  # data.eval_corruptions: val is corrupted, record the clean accuracy beside it
-        clean_loader = TensorLoader(bundle.clean_val, cfg.train.eval_batch_size, shuffle=False, augment=None,
-                                    mean=bundle.mean, std=bundle.std, device=device)
+    def loader(split: Any) -> TensorLoader:
+        return TensorLoader(split, cfg.train.eval_batch_size, shuffle=False, augment=None, mean=bundle.mean,
+                            std=bundle.std, device=device)
+
+    # data.eval_corruptions: clean accuracies beside the corrupted ones; train.eval_test: test in the worker
+    every = {"clean_val_acc": loader(bundle.clean_val)} if bundle.clean_val is not None else {}
+    tests = {"test_acc": loader(bundle.test)} if cfg.train.eval_test != "never" else {}
+    if tests and bundle.clean_test is not None:
+        tests["clean_test_acc"] = loader(bundle.clean_test)
 
     def on_epoch(r: EpochReport) -> Optional[bool]:
-        if clean_loader is not None:
-            r = dataclasses.replace(r, clean_val_acc=trainer.evaluate(clean_loader)[0])
+        extra = dict(every)
+        if cfg.train.eval_test == "every" or (cfg.train.eval_test == "last" and r.epoch == train_cfg.epochs):
+            extra.update(tests)
+        if extra:
+            r = dataclasses.replace(r, **{key: trainer.evaluate(data)[0] for key, data in extra.items()})
         if weights_path is not None:
             save_weights(model, spec, weights_path, epoch=r.epoch, val_acc=r.val_acc)
         return report(r) if report is not None else None

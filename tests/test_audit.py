@@ -113,6 +113,9 @@ final: {{seeds: 2}}
     assert result["configurations"] == 4 and len(result["table"]) == 4
     assert all(len(r["test_acc"]) == 2 and None not in r["test_acc"] for r in result["table"])
     assert all(len(c) == 2 for r in result["table"] for c in r["val_curves"])
+    # every epoch's test accuracy is recorded too, and the last one is the tested weights' accuracy
+    assert all(len(c) == 2 for r in result["table"] for c in r["test_curves"])
+    assert all(c[-1] == pytest.approx(t) for r in result["table"] for c, t in zip(r["test_curves"], r["test_acc"]))
     assert {(r["strategy"], r["budget"]) for r in result["replay"]} == {(s, b) for s in ("random", "tpe", "tpe+pruner")
                                                                           for b in (2, 4)}
     assert [f["epoch"] for f in result["fidelity"]] == [1, 2]

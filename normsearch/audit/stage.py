@@ -68,7 +68,7 @@ def run_audit(cfg: StudyConfig, space: SearchSpace, *, max_configs: int = MAX_CO
     configs = configurations(space, max_configs)
     seeds = audit_seeds(cfg)
     epochs = cfg.final.epochs or cfg.train.epochs
-    stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+    stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "eval_test": "every"})})
     study, _ = open_run(cfg)
     backend = get_backend(cfg.search.backend)
     have = {audit_key(t.user_attrs[ATTR_SPEC], t.user_attrs[ATTR_SEED]) for t in study.get_trials(deepcopy=False)
@@ -88,6 +88,7 @@ def run_audit(cfg: StudyConfig, space: SearchSpace, *, max_configs: int = MAX_CO
             recorder.close()
     study = load_study(cfg)
     tests = evaluate_tests(study, cfg, lambda path: evaluate_weights(cfg, path, "test")[0], stages=(STAGE_AUDIT,))
+    # (each audit run tested itself after every epoch in its worker; the driver only reads the numbers)
     trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(ATTR_STAGE) == STAGE_AUDIT]
     table = collect_table(trials, tests, configs, seeds, epochs)
     incomplete = [r.label for r in table.rows if not r.complete()]

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 from .. import stats
 from ..spec import ModelSpec
-from ..study import ATTR_SEED, ATTR_SPEC, ATTR_VAL_CURVE, STAGE_AUDIT, STUDY_TEST_ACC
+from ..study import ATTR_SEED, ATTR_SPEC, ATTR_TEST_CURVE, ATTR_VAL_CURVE, STAGE_AUDIT, STUDY_TEST_ACC
 
 AUDIT_SEED_OFFSET = 300_000  # never a search, confirmation or hold-out seed
 ATTR_AUDIT_KEY = "audit_key"
@@ -44,6 +44,7 @@ class AuditRow:
         params: the study parameters of the configuration.
         spec: its resolved spec (JSON form).
         val_curves: per seed, validation accuracy after each epoch.
+        test_curves: per seed, test accuracy after each epoch (``None`` for runs recorded without it).
         test_acc: per seed, final test accuracy.
     """
 
@@ -51,6 +52,7 @@ class AuditRow:
     params: dict[str, Any]
     spec: dict[str, Any]
     val_curves: list[Optional[list[float]]] = field(default_factory=list)
+    test_curves: list[Optional[list[float]]] = field(default_factory=list)
     test_acc: list[Optional[float]] = field(default_factory=list)
 
     def complete(self) -> bool:
@@ -111,7 +113,7 @@ class AuditTable:
             present = [100 * t for t in r.test_acc if t is not None]
             ci = stats.mean_ci(present) if present else stats.Interval(math.nan, math.nan, math.nan)
             out.append({"rank": rank, "label": r.label, "params": r.params, "spec": r.spec, "test_acc": r.test_acc,
-                        "val_curves": r.val_curves, "test_mean": ci.mean, "test_ci95": [ci.low, ci.high],
+                        "val_curves": r.val_curves, "test_curves": r.test_curves, "test_mean": ci.mean, "test_ci95": [ci.low, ci.high],
                         "val_final_mean": 100 * r.val_mean_at(self.epochs), "tied_with_best": r.label in tied})
         return out
 
@@ -138,10 +140,12 @@ def collect_table(trials: Sequence[Any], tests: dict[int, float], configs: Seque
             t = done.get(audit_key(spec, seed))
             if t is None:
                 row.val_curves.append(None)
+                row.test_curves.append(None)
                 row.test_acc.append(None)
                 continue
             curve = t.user_attrs.get(ATTR_VAL_CURVE) or [t.intermediate_values[k] for k in sorted(t.intermediate_values)]
             row.val_curves.append([float(v) for v in curve])
+            row.test_curves.append(t.user_attrs.get(ATTR_TEST_CURVE))
             row.test_acc.append(tests.get(t.number))
         rows.append(row)
     return AuditTable(rows, list(seeds), epochs)

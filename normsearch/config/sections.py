@@ -124,6 +124,11 @@ class TrainConfig(_Strict):
             small budget still give several reports.
         batch_size: training batch size.
         eval_batch_size: batch size for validation/test evaluation.
+        eval_test: evaluate the test split inside the trial, where the model trained: ``never``,
+            after the ``last`` epoch (the confirmation stage: each run tests its own weights in its
+            worker, in parallel) or after ``every`` epoch (``normsearch audit``). Recorded as the
+            trial user attrs ``test_acc`` (latest) and ``test_acc_per_epoch`` (with
+            ``data.eval_corruptions`` also ``clean_test_acc``); never used for any choice.
         optimizer: SGD settings.
         schedule: learning-rate schedule.
         seed: base seed (a trial adds its number to it).
@@ -151,6 +156,7 @@ class TrainConfig(_Strict):
     steps_per_epoch: Optional[int] = Field(None, ge=1)
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(500, ge=1)
+    eval_test: Literal["never", "last", "every"] = "never"
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     seed: int = 0

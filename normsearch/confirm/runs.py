@@ -21,6 +21,7 @@ from ..config import StudyConfig
 from ..spec import ModelSpec
 from ..study import (
     ATTR_FAIL_REASON,
+    ATTR_TEST_ACC,
     ATTR_REFERENCE,
     ATTR_RETRY_OF,
     ATTR_SEED,
@@ -137,24 +138,32 @@ def tested(study: optuna.Study, key: str = STUDY_TEST_ACC) -> dict[int, float]:
 
 def evaluate_tests(study: optuna.Study, cfg: StudyConfig, evaluate: Callable[[Path], float],
                    on_done: Callable[[int, float], None] | None = None, key: str = STUDY_TEST_ACC,
-                   stages: Sequence[str] = STAGES) -> dict[int, float]:
-    """Test accuracy of every COMPLETE trial of ``stages`` (confirmation and hold-out) whose weights
-    are on disk.
+                   stages: Sequence[str] = STAGES, attr: str = ATTR_TEST_ACC) -> dict[int, float]:
+    """Test accuracy of every COMPLETE trial of ``stages`` (confirmation and hold-out).
 
-    Results are kept in the study user attr ``key`` (``confirm_test_acc``) so a resumed run
-    evaluates each trial once. ``evaluate(weights_path) -> accuracy`` does the work
-    (``trial.evaluate_weights``).
+    A trial that tested its own weights in its worker (``train.eval_test``) carries the number in
+    its user attr ``attr``, which is taken as it is; only the others are evaluated here from their
+    saved weights, by ``evaluate(weights_path) -> accuracy`` (``trial.evaluate_weights``). Results
+    are kept in the study user attr ``key`` (``confirm_test_acc``) so a resumed run evaluates each
+    trial once.
     """
     done = tested(study, key)
+    before = dict(done)
     for t in [t for stage in stages for t in stage_trials(study, stage)]:
         if t.state != TrialState.COMPLETE or t.number in done:
             continue
         path = Path(t.user_attrs.get(ATTR_WEIGHTS, ""))
-        if path.is_file():
+        if attr in t.user_attrs:
+            done[t.number] = float(t.user_attrs[attr])
+        elif path.is_file():
             done[t.number] = float(evaluate(path))
             study.set_user_attr(key, {str(k): v for k, v in sorted(done.items())})
-            if on_done is not None:
-                on_done(t.number, done[t.number])
+        else:
+            continue
+        if on_done is not None:
+            on_done(t.number, done[t.number])
+    if done != before:
+        study.set_user_attr(key, {str(k): v for k, v in sorted(done.items())})
     return done
 
 

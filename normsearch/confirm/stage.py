@@ -19,7 +19,9 @@ def _train(cfg: StudyConfig, space: SearchSpace, backend: Any, candidates: list[
            seeds: int, progress: bool) -> None:
     """Enqueue ``candidates`` x ``seeds`` runs of ``stage`` through the recorder and train them."""
     epochs = cfg.final.epochs or cfg.train.epochs
-    stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+    # each run tests its own weights after its last epoch, in its worker (in parallel on Ray)
+    train = {"epochs": epochs, "eval_test": "last" if cfg.final.evaluate_test else "never"}
+    stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
     with SearchProgress(len(candidates) * seeds, epochs, enabled=progress) as prog:
         recorder = TrialRecorder(stage_cfg, backend.name, prog)
         try:
@@ -73,18 +75,19 @@ def run_confirmation(cfg: StudyConfig, space: SearchSpace, references: Mapping[s
 
 
 def _tester(cfg: StudyConfig) -> Any:
-    """``study -> None``: test every confirmation and hold-out model not tested yet, on the (possibly
-    corrupted) test images and, with ``data.eval_corruptions``, on the clean ones too; ``None`` when
-    ``final.evaluate_test`` is off."""
+    """``study -> None``: collect the test accuracies the runs measured in their workers, and test
+    in the driver any model that has none yet (a run recorded before workers tested); with
+    ``data.eval_corruptions`` the clean test accuracies too. ``None`` when ``final.evaluate_test``
+    is off."""
     if not cfg.final.evaluate_test:
         return None
-    from ..study import STUDY_CLEAN_TEST_ACC
+    from ..study import ATTR_CLEAN_TEST_ACC, STUDY_CLEAN_TEST_ACC
     from ..trial import evaluate_weights
 
     def evaluate(study: Any) -> None:
         evaluate_tests(study, cfg, lambda path: evaluate_weights(cfg, path, "test")[0])
         if cfg.data.eval_corruptions:
             evaluate_tests(study, cfg, lambda path: evaluate_weights(cfg, path, "clean_test")[0],
-                           key=STUDY_CLEAN_TEST_ACC)
+                           key=STUDY_CLEAN_TEST_ACC, attr=ATTR_CLEAN_TEST_ACC)
 
     return evaluate

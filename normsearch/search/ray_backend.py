@@ -70,7 +70,7 @@ def ray_trainable(config: dict[str, Any], run_config: dict[str, Any], space: Sea
         last.update({
             METRIC: r.val_acc, "epoch": r.epoch, "epochs_total": cfg.train.epochs, "best_val_acc": best,
             "train_loss": r.train_loss, "step_time_s": r.step_time_s, "images_per_s": r.images_per_s,
-            "clean_val_acc": r.clean_val_acc,
+            "clean_val_acc": r.clean_val_acc, "test_acc": r.test_acc, "clean_test_acc": r.clean_test_acc,
         })
         tune.report(dict(last))
 

@@ -41,6 +41,8 @@ class EpochRow:
         self.step_time_s = float(result["step_time_s"])
         self.images_per_s = float(result["images_per_s"])
         self.clean_val_acc = None if result.get("clean_val_acc") is None else float(result["clean_val_acc"])
+        self.test_acc = None if result.get("test_acc") is None else float(result["test_acc"])
+        self.clean_test_acc = None if result.get("clean_test_acc") is None else float(result["clean_test_acc"])
 
 
 class RecordingOptunaSearch(Searcher):

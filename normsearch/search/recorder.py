@@ -35,6 +35,9 @@ from ..study import (
     ATTR_CLEAN_VAL,
     ATTR_CLEAN_VAL_CURVE,
     ATTR_STAGE,
+    ATTR_CLEAN_TEST_ACC,
+    ATTR_TEST_ACC,
+    ATTR_TEST_CURVE,
     ATTR_STEP_TIME,
     ATTR_STOPPED_BY,
     ATTR_SUPERNET_ACC,
@@ -152,6 +155,7 @@ class TrialRecorder:
         self._ids: dict[int, int] = {}  # trial number -> storage trial id
         self._curves: dict[int, list[float]] = {}  # validation accuracy per epoch, per trial
         self._clean_curves: dict[int, list[float]] = {}  # clean validation accuracy per epoch (eval_corruptions)
+        self._test_curves: dict[int, list[float]] = {}  # test accuracy per tested epoch (train.eval_test)
         self._last_epoch: dict[int, int] = {}  # last epoch recorded, per trial
         self._costs: dict[int, dict[str, Any]] = {}  # latest step time and parameter count, per trial
         self._finished: set[int] = set()
@@ -275,6 +279,12 @@ class TrialRecorder:
         else:
             self._set(number, {ATTR_VAL_CURVE: list(curve)})
         self._timing(number, report.epoch, report.step_time_s, report.images_per_s)
+        test = getattr(report, "test_acc", None)
+        if test is not None:
+            self._test_curves.setdefault(number, []).append(float(test))
+            self._set(number, {ATTR_TEST_ACC: float(test), ATTR_TEST_CURVE: list(self._test_curves[number])})
+        if getattr(report, "clean_test_acc", None) is not None:
+            self._set(number, {ATTR_CLEAN_TEST_ACC: float(report.clean_test_acc)})
         clean = getattr(report, "clean_val_acc", None)
         if clean is not None:
             clean_curve = self._clean_curves.setdefault(number, [])
