@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from ._document import Block
 
-from .study import STUDY_CONFIRMATION as STUDY_ATTR
+from .study import STUDY_CONFIRMATION as STUDY_ATTR  # noqa: F401  (read by report.py)
 
 FIGURES = ("confirmation.png", "proxy_fidelity.png")
 

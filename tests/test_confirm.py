@@ -3,8 +3,6 @@ selection, enqueueing (idempotent, paired seeds), collection and the statistics 
 
 from __future__ import annotations
 
-import math
-
 import optuna
 import pytest
 import scipy.stats

@@ -3,8 +3,9 @@
 "Benchmarking Neural Network Robustness to Common Corruptions and Perturbations" defines 15
 corruptions at 5 severities; CIFAR-10-C (32 x 32 images) uses its own, milder constants than
 ImageNet-C. Those CIFAR-10-C constants are the ones here, for the small images normsearch trains on.
-Each function takes uint8 ``(N, C, H, W)`` images and returns uint8 images of the same shape; with
-``x = image / 255``:
+Each function, ``f(images, severity, generator=None)``, takes uint8 ``(N, C, H, W)`` images and a
+severity 1-5 and returns uint8 images of the same shape (:func:`corrupt` checks both and seeds the
+noise); with ``x = image / 255``:
 
 * ``gaussian_noise``: ``clip(x + N(0, c^2))``, c = 0.04, 0.06, 0.08, 0.09, 0.10;
 * ``brightness``: ``V <- clip(V + c)`` in HSV (H and S kept), c = 0.05, 0.1, 0.15, 0.2, 0.3. Since
@@ -24,9 +25,8 @@ corrupted identically in every trial and on every machine.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,14 +47,14 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0.0, 1.0) * 255.0).to(torch.uint8)  # .to truncates toward zero, as np.uint8 does
 
 
-def gaussian_noise(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
+def gaussian_noise(x: torch.Tensor, severity: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Additive Gaussian noise (Hendrycks & Dietterich; CIFAR-10-C constants)."""
     c = GAUSSIAN_NOISE[severity - 1]
-    noise = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    noise = torch.randn(x.shape, generator=generator or torch.Generator().manual_seed(0), dtype=torch.float64)
     return _to_uint8(_unit(x) + c * noise)
 
 
-def brightness(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
+def brightness(x: torch.Tensor, severity: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """HSV value shift ``V + c`` (Hendrycks & Dietterich; CIFAR-10-C constants)."""
     c = BRIGHTNESS[severity - 1]
     u = _unit(x)
@@ -64,7 +64,7 @@ def brightness(x: torch.Tensor, severity: int, generator: torch.Generator) -> to
     return _to_uint8(scaled)
 
 
-def contrast(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
+def contrast(x: torch.Tensor, severity: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Contrast reduction towards each image's per-channel mean (Hendrycks & Dietterich)."""
     c = CONTRAST[severity - 1]
     u = _unit(x)
@@ -85,7 +85,7 @@ def defocus_kernel(radius: float, alias_blur: float) -> torch.Tensor:
     return F.conv2d(F.pad(disk[None, None], (1, 1, 1, 1)), gauss)[0, 0]
 
 
-def defocus_blur(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
+def defocus_blur(x: torch.Tensor, severity: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Defocus (disk) blur (Hendrycks & Dietterich; CIFAR-10-C constants)."""
     kernel = defocus_kernel(*DEFOCUS_BLUR[severity - 1])
     support = kernel.abs() > 0  # crop the kernel to where it is non-zero (the rest adds exact zeros)
@@ -103,7 +103,7 @@ def defocus_blur(x: torch.Tensor, severity: int, generator: torch.Generator) -> 
 @dataclass(frozen=True)
 class CorruptionInfo:
     name: str
-    apply: Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
+    apply: Callable[[torch.Tensor, int, Optional[torch.Generator]], torch.Tensor]
     min_size: int  # smallest image side it applies to (pixels)
     channels: tuple[int, ...]  # channel counts it applies to
 
