@@ -148,3 +148,45 @@ def test_bundle_corrupts_only_validation_and_test(fashion_mnist_root) -> None:
     assert torch.equal(bundle.val.x[:100], C.corrupt(clean.val.x, "contrast", 5))
     assert torch.equal(load_data(cfg).val.x, bundle.val.x)  # deterministic across calls
     assert not torch.equal(bundle.val.x[100:], clean.val.x)
+
+
+@pytest.mark.slow
+@pytest.mark.needs_fashion_mnist
+def test_run_scores_on_corrupted_images_and_records_clean_beside(tmp_path, fashion_mnist_root) -> None:
+    """A real run with eval_corruptions: val_acc is on the corrupted images, clean_val_acc per epoch
+    beside it; confirmation runs test themselves in their workers, corrupted and clean."""
+    import json
+
+    import optuna
+
+    from normsearch.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"""\
+name: c
+run_dir: {tmp_path / 'run'}
+data: {{dataset: fashion_mnist, root: {fashion_mnist_root}, train_size: 256, val_size: 128, test_size: 128,
+       augment: {{crop_padding: 0, flip: false}}, eval_corruptions: [{{name: contrast, severity: 5}}]}}
+model: {{name: lenet}}
+train: {{epochs: 2, batch_size: 64, optimizer: {{lr: 0.05}}, threads: 1}}
+space:
+  layers:
+    - choices: [batchnorm, instancenorm]
+search: {{backend: optuna, n_trials: 2, sampler: random, objectives: [val_acc, clean_val_acc]}}
+final: {{top_k: 1, seeds: 1}}
+""")
+    assert main(["run", str(config), "--quiet"]) == 0
+    study = optuna.load_study(study_name="c", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MAXIMIZE"]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for t in done:
+        clean = t.user_attrs["clean_val_acc_per_epoch"]
+        assert len(clean) == 2 and t.values[1] == pytest.approx(clean[-1])
+        assert t.values[0] == pytest.approx(t.user_attrs["val_acc_per_epoch"][-1])
+    confirm = [t for t in done if t.user_attrs.get("stage") == "confirm"]
+    assert confirm and all("test_acc" in t.user_attrs and "clean_test_acc" in t.user_attrs for t in confirm)
+    rows = json.loads((tmp_path / "run" / "summary.json").read_text())["confirmation"]
+    assert all(r["clean_test_acc_mean"] is not None and r["test_acc_mean"] is not None for r in rows)
+    by_number = {t.number: t for t in confirm}
+    for r in rows:
+        assert r["test_acc"][0] == pytest.approx(by_number[r["trial_numbers"][0]].user_attrs["test_acc"])
