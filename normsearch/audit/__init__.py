@@ -11,7 +11,8 @@ random search at the same budget, and the proxy fidelity over every configuratio
 from .figures import FIGURES, audit_lines, plot_audit
 from .replay import STRATEGIES, random_regret_closed_form, replay, replay_once
 from .stage import AUDIT_JSON, MAX_CONFIGS, audit_seeds, configurations, default_budgets, load_audit, run_audit, summarize_audit
-from .table import AUDIT_SEED_OFFSET, AuditRow, AuditTable, audit_key, collect_table, row_label, spec_key
+from ..confirm.runs import AUDIT_SEED_OFFSET
+from .table import AuditRow, AuditTable, audit_key, collect_table, row_label, spec_key
 
 __all__ = [
     "AUDIT_JSON", "AUDIT_SEED_OFFSET", "FIGURES", "MAX_CONFIGS", "STRATEGIES", "AuditRow", "AuditTable", "audit_key",

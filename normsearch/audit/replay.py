@@ -22,7 +22,9 @@ For random search over a table without noise, the regret after ``B`` trials has 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import optuna
@@ -52,11 +54,29 @@ def strategy_parts(cfg: StudyConfig, strategy: str, seed: int,
                                                            reduction_factor=ray.reduction_factor)
 
 
+@dataclass(frozen=True)
+class Truth:
+    """What a replay scores against, computed once per table: rows by spec key, each label's mean
+    test accuracy (fraction), the best mean, and the labels tied with the best."""
+
+    rows: dict[str, Any]
+    test_mean: dict[str, float]
+    best_mean: float
+    tied: frozenset[str]
+
+    @classmethod
+    def of(cls, table: AuditTable) -> "Truth":
+        means = {r.label: r.test_mean() for r in table.rows}
+        return cls(table.by_key(), means, max(means.values()), frozenset(table.tied_with_best()))
+
+
 def replay_once(table: AuditTable, space: SearchSpace, cfg: StudyConfig, strategy: str, budget: int,
-                seed: int) -> dict[str, Any]:
+                seed: int, truth: Optional[Truth] = None) -> dict[str, Any]:
     """One replayed search of ``budget`` finished trials; returns ``label``, ``regret`` (points),
-    ``hit`` and ``trial_epochs`` (epochs it trained, pruned trials counting their rungs)."""
-    rows = table.by_key()
+    ``hit`` and ``trial_epochs`` (epochs it trained, pruned trials counting their rungs).
+    ``truth``: :meth:`Truth.of` the table, when the caller replays it many times."""
+    truth = truth or Truth.of(table)
+    rows = truth.rows
     rng = np.random.default_rng(seed)
     sampler, pruner = strategy_parts(cfg, strategy, seed, budget)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
@@ -77,8 +97,6 @@ def replay_once(table: AuditTable, space: SearchSpace, cfg: StudyConfig, strateg
         return curve[-1]
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TPE's experimental-feature warnings
         study.optimize(objective, n_trials=budget)
@@ -88,9 +106,8 @@ def replay_once(table: AuditTable, space: SearchSpace, cfg: StudyConfig, strateg
     else:  # every trial pruned: the best last report
         pick = max(study.trials, key=lambda t: t.intermediate_values[max(t.intermediate_values)]).number
     label = labels[pick]
-    by_label = {r.label: r for r in table.rows}
-    regret = 100 * (table.best().test_mean() - by_label[label].test_mean())
-    return {"label": label, "regret": regret, "hit": label in set(table.tied_with_best()), "trial_epochs": epochs_used}
+    regret = 100 * (truth.best_mean - truth.test_mean[label])
+    return {"label": label, "regret": regret, "hit": label in truth.tied, "trial_epochs": epochs_used}
 
 
 def replay(table: AuditTable, space: SearchSpace, cfg: StudyConfig, budgets: Sequence[int], repetitions: int,
@@ -99,10 +116,11 @@ def replay(table: AuditTable, space: SearchSpace, cfg: StudyConfig, budgets: Seq
     strategy): mean simple regret with its 95 % t-interval (points), hit rate, mean trial-epochs."""
     from .. import stats
 
+    truth = Truth.of(table)
     out = []
     for strategy in strategies:
         for budget in budgets:
-            runs = [replay_once(table, space, cfg, strategy, budget, rep) for rep in range(repetitions)]
+            runs = [replay_once(table, space, cfg, strategy, budget, rep, truth) for rep in range(repetitions)]
             regrets = [r["regret"] for r in runs]
             ci = stats.mean_ci(regrets) if len(regrets) > 1 else stats.Interval(regrets[0], math.nan, math.nan)
             out.append({"strategy": strategy, "budget": budget, "repetitions": repetitions,

@@ -10,9 +10,9 @@ from .. import stats
 from ..config import ConfigError, StudyConfig
 from ..space import SearchSpace
 from ..confirm.result import json_safe
-from ..study import ATTR_SEED, ATTR_SPEC, ATTR_STAGE, STAGE_AUDIT, load_study
+from ..study import STAGE_AUDIT, load_study
 from .replay import STRATEGIES, replay
-from .table import AUDIT_SEED_OFFSET, AuditTable, audit_key, collect_table
+from .table import AuditTable, collect_table, row_label
 
 MAX_CONFIGS = 64  # default cap on the configurations an audit trains (--max-configs overrides)
 AUDIT_JSON = "audit.json"
@@ -20,7 +20,9 @@ AUDIT_JSON = "audit.json"
 
 def audit_seeds(cfg: StudyConfig) -> list[int]:
     """The audit's paired seeds: ``final.seeds`` of them, never used by any other stage."""
-    return [cfg.seed + AUDIT_SEED_OFFSET + i for i in range(cfg.final.seeds)]
+    from ..confirm import stage_seeds
+
+    return stage_seeds(cfg, STAGE_AUDIT)
 
 
 def configurations(space: SearchSpace, max_configs: int) -> list[tuple[dict[str, Any], Any]]:
@@ -57,7 +59,7 @@ def run_audit(cfg: StudyConfig, space: SearchSpace, *, max_configs: int = MAX_CO
     Raises:
         ConfigError: the space is not finite or has more than ``max_configs`` configurations.
     """
-    from ..confirm import evaluate_tests
+    from ..confirm import Candidate, enqueue_confirmation, evaluate_tests, stage_trials
     from ..runner import open_run
     from ..search.progress import SearchProgress
     from ..search.recorder import TrialRecorder
@@ -70,26 +72,22 @@ def run_audit(cfg: StudyConfig, space: SearchSpace, *, max_configs: int = MAX_CO
     stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "eval_test": "every"})})
     study, _ = open_run(cfg)
     backend = get_backend(cfg.search.backend)
-    have = {audit_key(t.user_attrs[ATTR_SPEC], t.user_attrs[ATTR_SEED]) for t in study.get_trials(deepcopy=False)
-            if t.user_attrs.get(ATTR_STAGE) == STAGE_AUDIT and ATTR_SPEC in t.user_attrs and ATTR_SEED in t.user_attrs}
     with SearchProgress(len(configs) * len(seeds), epochs, enabled=progress) as prog:
         if progress:
             prog.console.print(f"[bold]audit:[/] {len(configs)} configurations x {len(seeds)} seeds x {epochs} epochs "
                                "(stage: audit)", highlight=False)
         recorder = TrialRecorder(stage_cfg, backend.name, prog)
         try:
-            for params, spec in configs:
-                for seed in seeds:
-                    if audit_key(spec, seed) not in have:
-                        recorder.enqueue(params, {ATTR_STAGE: STAGE_AUDIT, ATTR_SEED: seed})
+            # keyed by spec and seed like every confirmation run: a re-run enqueues only what is missing
+            candidates = [Candidate(row_label(spec), params, spec) for params, spec in configs]
+            enqueue_confirmation(recorder.study, cfg, candidates, STAGE_AUDIT, enqueue=recorder.enqueue)
             backend.run_enqueued(stage_cfg, space, prog, recorder)
         finally:
             recorder.close()
     study = load_study(cfg)
     tests = evaluate_tests(study, cfg, lambda path: evaluate_weights(cfg, path, "test")[0], stages=(STAGE_AUDIT,))
     # (each audit run tested itself after every epoch in its worker; the driver only reads the numbers)
-    trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(ATTR_STAGE) == STAGE_AUDIT]
-    table = collect_table(trials, tests, configs, seeds, epochs)
+    table = collect_table(stage_trials(study, STAGE_AUDIT), tests, configs, seeds, epochs)
     incomplete = [r.label for r in table.rows if not r.complete()]
     if incomplete:
         raise RuntimeError(f"audit: {len(incomplete)} configurations have failed or missing runs "

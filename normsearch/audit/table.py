@@ -1,7 +1,7 @@
 """The exhaustive table of a small space: every configuration trained on the same paired seeds.
 
 Each configuration x seed is a trial of the run's study with ``stage: audit`` (seeds
-``cfg.seed + AUDIT_SEED_OFFSET + i``, ``final.seeds`` of them, ``final.epochs`` epochs: the
+``normsearch.confirm.stage_seeds(cfg, "audit")``, ``final.seeds`` of them, ``final.epochs`` epochs: the
 confirmation budget), run through the configured backend (Ray in parallel), resumable like every
 trial (keyed by spec and seed), and tested from its saved weights. :class:`AuditTable` holds, per
 configuration, every seed's per-epoch validation curve and final test accuracy, and knows the true
@@ -17,16 +17,15 @@ from typing import Any, Optional, Sequence
 
 from .. import stats
 from ..spec import ModelSpec
-from ..study import ATTR_SEED, ATTR_SPEC, ATTR_TEST_CURVE, ATTR_VAL_CURVE, STAGE_AUDIT, STUDY_TEST_ACC
+from ..study import ATTR_SEED, ATTR_SPEC, ATTR_TEST_CURVE, ATTR_VAL_CURVE
 
-AUDIT_SEED_OFFSET = 300_000  # never a search, confirmation or hold-out seed
-ATTR_AUDIT_KEY = "audit_key"
 
 
 def audit_key(spec: ModelSpec | dict[str, Any], seed: int) -> str:
-    """The identity of one audit run: its resolved spec and its seed."""
-    d = spec.to_dict() if isinstance(spec, ModelSpec) else dict(spec)
-    return json.dumps([d, int(seed)], sort_keys=True)
+    """The identity of one audit run (:func:`normsearch.confirm.run_key`)."""
+    from ..confirm.runs import run_key
+
+    return run_key(spec, seed)
 
 
 def spec_key(spec: ModelSpec | dict[str, Any]) -> str:
@@ -151,5 +150,5 @@ def collect_table(trials: Sequence[Any], tests: dict[int, float], configs: Seque
     return AuditTable(rows, list(seeds), epochs)
 
 
-__all__ = ["AUDIT_SEED_OFFSET", "ATTR_AUDIT_KEY", "STAGE_AUDIT", "STUDY_TEST_ACC", "AuditRow", "AuditTable",
+__all__ = ["AuditRow", "AuditTable",
            "audit_key", "collect_table", "row_label", "spec_key"]

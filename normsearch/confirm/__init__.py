@@ -29,6 +29,7 @@ from .result import ALPHA, ConfirmationResult, summarize
 from .runs import (
     ATTR_CONFIRM_KEY,
     ATTR_CONFIRM_OF,
+    AUDIT_SEED_OFFSET,
     CONFIRM_SEED_OFFSET,
     HOLDOUT_SEED_OFFSET,
     SEED_OFFSET,
@@ -37,6 +38,7 @@ from .runs import (
     confirm_seeds,
     enqueue_confirmation,
     evaluate_tests,
+    run_key,
     stage_seeds,
     stage_trials,
     tested,
@@ -44,8 +46,8 @@ from .runs import (
 from .stage import run_confirmation
 
 __all__ = [
-    "ALPHA", "ATTR_CONFIRM_KEY", "ATTR_CONFIRM_OF", "CONFIRM_SEED_OFFSET", "HOLDOUT_SEED_OFFSET", "SEED_OFFSET",
+    "ALPHA", "ATTR_CONFIRM_KEY", "ATTR_CONFIRM_OF", "AUDIT_SEED_OFFSET", "CONFIRM_SEED_OFFSET", "HOLDOUT_SEED_OFFSET", "SEED_OFFSET",
     "Candidate", "ConfirmationResult", "Confirmed", "Enqueue", "collect", "confirm_seeds", "enqueue_confirmation",
-    "enqueue_references", "evaluate_tests", "reference_params", "run_confirmation", "search_score",
+    "enqueue_references", "evaluate_tests", "reference_params", "run_confirmation", "run_key", "search_score",
     "select_candidates", "stage_seeds", "stage_trials", "study_enqueue", "summarize", "tested",
 ]

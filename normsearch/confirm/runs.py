@@ -29,6 +29,7 @@ from ..study import (
     ATTR_STAGE,
     ATTR_WEIGHTS,
     INTERRUPTED,
+    STAGE_AUDIT,
     STAGE_CONFIRM,
     STAGE_HOLDOUT,
     STUDY_CLEAN_TEST_ACC,
@@ -43,6 +44,8 @@ ATTR_CONFIRM_OF = "confirm_of"  # the search trial whose configuration is confir
 CONFIRM_SEED_OFFSET = 100_000
 #: Hold-out seeds are ``cfg.seed + HOLDOUT_SEED_OFFSET + i``: never a search or confirmation seed.
 HOLDOUT_SEED_OFFSET = 200_000
+#: Audit seeds (``normsearch audit``) are ``cfg.seed + AUDIT_SEED_OFFSET + i``: never used by another stage.
+AUDIT_SEED_OFFSET = 300_000
 SEED_OFFSET = CONFIRM_SEED_OFFSET  # the name before the hold-out stage existed
 STAGES = (STAGE_CONFIRM, STAGE_HOLDOUT)
 
@@ -74,6 +77,8 @@ def stage_seeds(cfg: StudyConfig, stage: str = STAGE_CONFIRM) -> list[int]:
     """The seeds every configuration of ``stage`` trains with (paired across configurations)."""
     if stage == STAGE_HOLDOUT:
         return [cfg.seed + HOLDOUT_SEED_OFFSET + i for i in range(cfg.final.holdout_seeds)]
+    if stage == STAGE_AUDIT:
+        return [cfg.seed + AUDIT_SEED_OFFSET + i for i in range(cfg.final.seeds)]
     return [cfg.seed + CONFIRM_SEED_OFFSET + i for i in range(cfg.final.seeds)]
 
 
@@ -82,7 +87,8 @@ def confirm_seeds(cfg: StudyConfig) -> list[int]:
     return stage_seeds(cfg, STAGE_CONFIRM)
 
 
-def _key(spec: ModelSpec | Mapping[str, Any], seed: int) -> str:
+def run_key(spec: ModelSpec | Mapping[str, Any], seed: int) -> str:
+    """The identity of one run of a stage: its resolved spec and its seed (resume never runs one twice)."""
     d = spec.to_dict() if isinstance(spec, ModelSpec) else dict(spec)
     return json.dumps([d, int(seed)], sort_keys=True)
 
@@ -96,14 +102,14 @@ def _trial_key(t: FrozenTrial, by_number: Mapping[int, FrozenTrial]) -> Optional
     if ATTR_CONFIRM_KEY in t.user_attrs:
         return t.user_attrs[ATTR_CONFIRM_KEY]
     if ATTR_SPEC in t.user_attrs and ATTR_SEED in t.user_attrs:
-        return _key(t.user_attrs[ATTR_SPEC], t.user_attrs[ATTR_SEED])
+        return run_key(t.user_attrs[ATTR_SPEC], t.user_attrs[ATTR_SEED])
     origin = by_number.get(t.user_attrs.get(ATTR_RETRY_OF, -1))
     return _trial_key(origin, by_number) if origin is not None and origin is not t else None
 
 
 def enqueue_confirmation(study: optuna.Study, cfg: StudyConfig, candidates: Sequence[Candidate],
                          stage: str = STAGE_CONFIRM, enqueue: Optional[Enqueue] = None) -> int:
-    """Enqueue one ``stage`` trial per candidate and seed that the study does not hold yet (in any
+    """Enqueue one ``stage`` trial (``confirm``, ``holdout`` or ``audit``) per candidate and seed that the study does not hold yet (in any
     state: a run that failed on its own is reported, not retried; one cut off by a kill is retried by
     ``TrialRecorder.recover_interrupted``), through ``enqueue`` (default: straight into ``study``).
 
@@ -116,7 +122,7 @@ def enqueue_confirmation(study: optuna.Study, cfg: StudyConfig, candidates: Sequ
     added = 0
     for cand in candidates:
         for seed in stage_seeds(cfg, stage):
-            key = _key(cand.spec, seed)
+            key = run_key(cand.spec, seed)
             if key in have:
                 continue
             attrs: dict[str, Any] = {ATTR_STAGE: stage, ATTR_SEED: seed, ATTR_CONFIRM_KEY: key}
@@ -186,7 +192,7 @@ def collect(study: optuna.Study, cfg: StudyConfig, candidates: Sequence[Candidat
     for cand in candidates:
         row = Confirmed(cand)
         for seed in stage_seeds(cfg, stage):
-            key = _key(cand.spec, seed)
+            key = run_key(cand.spec, seed)
             t = done.get(key)
             row.seeds.append(seed)
             row.trial_numbers.append(t.number if t is not None else None)
