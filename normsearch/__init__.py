@@ -9,7 +9,7 @@ Optuna) and the CLI starts fast:
 * the normalizer registry: :func:`register_norm`, :func:`create_norm_layer`, :func:`list_norms`;
 * the standardization loss (Collins et al.): :func:`standardization_loss`,
   :class:`StandardizationLossTap`;
-* configuration: :func:`load_config` (schema *and* registry names: :mod:`normsearch.preflight`),
+* configuration: :func:`load_config` (schema *and* registry names: :mod:`normsearch.prepare.checks`),
   :class:`StudyConfig`, :class:`ConfigError`;
 * :func:`run`: the whole search described by a configuration (:mod:`normsearch.runner`).
 
@@ -38,7 +38,7 @@ _EXPORTS = {
     "list_norms": "normsearch.norms",
     "standardization_loss": "normsearch.norms",
     "StandardizationLossTap": "normsearch.norms",
-    "load_config": "normsearch.preflight",
+    "load_config": "normsearch.prepare",
     "StudyConfig": "normsearch.config",
     "ConfigError": "normsearch.config",
     "run": "normsearch.runner",
@@ -63,8 +63,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real definitions
-    from .config import ConfigError, StudyConfig
-    from .norms import (
+    from normsearch.config import ConfigError, StudyConfig
+    from normsearch.norms import (
         MixtureNorm2d,
         ModeGroupNorm2d,
         ModeNorm2d,
@@ -75,5 +75,5 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real definitions
         register_norm,
         standardization_loss,
     )
-    from .preflight import load_config
-    from .runner import run
+    from normsearch.prepare import load_config
+    from normsearch.runner import run

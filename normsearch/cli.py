@@ -1,7 +1,7 @@
 """Command line: ``normsearch run | check | spaces | export | report | dashboard | list-norms``. Thin: each command calls the library.
 
 ``run`` and ``check`` take a YAML path or the name of a bundled search space (``quickstart``,
-``cifar_resnet20.yaml``; :mod:`normsearch.spaces`); an existing path always wins.
+``cifar_resnet20.yaml``; :mod:`normsearch.space.bundled`); an existing path always wins.
 
 Errors a user can fix (bad config, missing data, not a run directory) print one line
 ``normsearch: error: ...`` and exit with status 2; no traceback.
@@ -26,11 +26,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import optuna
     from rich.console import Console
 
-    from .estimate import estimate_line
-    from .preflight import load_config
-    from .runner import prepare, run
-    from .spaces import resolve_config
-    from .summary import print_summary
+    from normsearch.estimate import estimate_line
+    from normsearch.prepare import load_config, prepare
+    from normsearch.report.summary import print_summary
+    from normsearch.runner import run
+    from normsearch.space.bundled import resolve_config
 
     args.config = str(resolve_config(args.config))
     cfg = load_config(args.config)
@@ -52,9 +52,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # search.references, still know they were not given)
         cfg = type(cfg).model_validate(cfg.model_dump(exclude_unset=True))
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by our progress lines
-    space = prepare(cfg)  # bad values, space, references and missing data fail here, before the estimate's timing
-    print(f"normsearch: {estimate_line(cfg)}", flush=True)
-    summary = run(cfg, progress=not args.quiet, space=space)
+    prepared = prepare(cfg)  # bad values, space, references and missing data fail here, before the estimate's timing
+    print(f"normsearch: {estimate_line(prepared)}", flush=True)
+    summary = run(prepared, progress=not args.quiet)
     print_summary(summary, Console())
     finished = summary.states.get("COMPLETE", 0) + summary.states.get("PRUNED", 0)
     # this process's own trials have all ended here: a RUNNING one belongs to another worker on the
@@ -74,14 +74,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .preflight import load_config
-    from .estimate import check, format_duration
-    from .spaces import resolve_config
+    from normsearch.estimate import check, format_span
+    from normsearch.prepare import load_config, prepare
+    from normsearch.space.bundled import resolve_config
 
     if args.steps < 3:
         return _fail(f"--steps: must be >= 3 (the first 2 steps are warm-up), got {args.steps}")
     args.config = str(resolve_config(args.config))
-    result = check(load_config(args.config), args.steps)
+    result = check(prepare(load_config(args.config), data=False), args.steps)
     est = result.estimate
     print(f"{args.config}: valid; {len(result.space.decisions)} decisions over {len(result.space.slots)} slots")
     print("every choice built and run (forward+backward, 8 images): "
@@ -93,18 +93,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
     for note in est.notes:
         print(f"warning: {note}")
     print(f"estimate: {est.line()}")
-    print(f"  search {format_duration(est.search_s[0])} to {format_duration(est.search_s[1])}, "
-          f"confirmation {format_duration(est.confirm_s[0])} to {format_duration(est.confirm_s[1])}")
+    print(f"  search {format_span(*est.search_s)}, confirmation {format_span(*est.confirm_s)}"
+          + (f" (start-up {est.overhead.startup_s:.0f} s per stage, {est.overhead.per_trial_s:.1f} s per trial included)"
+             if any(est.overhead) else ""))
     return 0
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     import optuna
 
-    from .audit import audit_lines, run_audit
-    from .preflight import load_config
-    from .runner import prepare
-    from .spaces import resolve_config
+    from normsearch.audit import run_audit
+    from normsearch.prepare import load_config, prepare
+    from normsearch.report.audit import audit_lines, plot_audit
+    from normsearch.space.bundled import resolve_config
 
     cfg = load_config(str(resolve_config(args.config)))
     if args.run_dir:
@@ -113,14 +114,15 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"backend": args.backend})})
         cfg = type(cfg).model_validate(cfg.model_dump(exclude_unset=True))
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    space = prepare(cfg)
+    prepared = prepare(cfg)
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
     try:
-        result = run_audit(cfg, space, max_configs=args.max_configs, repetitions=args.repetitions, budgets=budgets,
+        result = run_audit(prepared, max_configs=args.max_configs, repetitions=args.repetitions, budgets=budgets,
                            progress=not args.quiet)
     except RuntimeError as err:  # some runs failed: the table is incomplete, the study keeps what ran
         print(f"normsearch: {err}", file=sys.stderr)
         return 1
+    plot_audit(result, cfg.resolved_run_dir() / "audit")
     for line in audit_lines(result):
         print(line)
     print(f"written: {cfg.resolved_run_dir() / 'audit.json'} and {cfg.resolved_run_dir() / 'audit'}/*.png")
@@ -128,14 +130,14 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_spaces(args: argparse.Namespace) -> int:
-    from .spaces import format_spaces, list_spaces
+    from normsearch.space.bundled import format_spaces, list_spaces
 
     print(format_spaces(list_spaces()))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_run
+    from normsearch.export import export_run
 
     for path in export_run(Path(args.run_dir), args.trial, Path(args.out) if args.out else None,
                            note=lambda line: print(f"normsearch: {line}")):
@@ -144,7 +146,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from normsearch.report.document import write_report
 
     for path in write_report(Path(args.run_dir)):
         print(path)
@@ -154,7 +156,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     from optuna_dashboard import run_server
 
-    from .study import run_config
+    from normsearch.search.study import run_config
 
     cfg = run_config(Path(args.run_dir))
 
@@ -165,7 +167,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_list_norms(args: argparse.Namespace) -> int:
-    from .norms import get_norm_entry, list_norms
+    from normsearch.norms import get_norm_entry, list_norms
 
     for name in list_norms():
         entry = get_norm_entry(name)
@@ -183,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="override run_dir (where the study and weights go)")
     r.add_argument("--storage", help="override the Optuna storage URL (any SQLAlchemy URL)")
     r.add_argument("--n-trials", type=int, help="override search.n_trials")
-    from .search.registry import list_backends
+    from normsearch.search.registry import list_backends
 
     r.add_argument("--backend", choices=list_backends(), help="override search.backend")
     r.add_argument("--max-failures", type=int, help="override search.max_failures (failed trials before the study stops)")
@@ -227,7 +229,7 @@ def _locate(msg: str, args: argparse.Namespace) -> str:
     """Put the config file in front of a message that starts with one of its key paths (checks made
     after loading, e.g. by ``runner.prepare``, know the key but not the file); ``--run-dir`` or
     ``--storage`` instead when that option set the value."""
-    from .config import StudyConfig
+    from normsearch.config import StudyConfig
 
     key = msg.split(":", 1)[0]
     top = key.split(".", 1)[0].split("[", 1)[0]
@@ -240,11 +242,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``normsearch`` console script; returns the exit status."""
     from pydantic import ValidationError
 
-    from .config import ConfigError, format_validation_error
+    from normsearch.config import ConfigError, format_validation_error
 
     args = build_parser().parse_args(argv)
     try:
-        from .data import DataError
+        from normsearch.data import DataError
     except ImportError:  # pragma: no cover
         DataError = RuntimeError  # type: ignore[assignment,misc]
     try:

@@ -2,21 +2,22 @@
 
 What :func:`check` does, writing nothing (no run directory, no storage, no data files):
 
-1. validates the configuration and resolves the space against the model's slots, with image
-   shapes from the dataset registry (:func:`normsearch.data.get_dataset_info`): no data needed;
+1. prepares the run without data (:func:`normsearch.prepare.prepare` with ``data=False``: image
+   shapes from the dataset registry), unless it is given a :class:`~normsearch.prepare.Prepared`;
 2. builds every choice once (in every slot that offers it, searched arguments at their largest
    values) and times a forward and backward pass on 8 images: this ranks the choices by cost;
 3. times ``steps`` training steps (2 warm-up) of the cheapest configuration (cheapest choice
    everywhere, smallest values, loss off) and the most expensive one (largest values, loss on if
-   possible) with the project's :class:`~normsearch.train.Trainer` (device, channels_last, autocast,
+   possible) with the project's :class:`~normsearch.train.trainer.Trainer` (device, channels_last, autocast,
    threads as configured; no ``torch.compile``, whose one-off cost a short timing cannot amortize)
    on random images from :class:`~normsearch.data.TensorLoader` (augmentation included), plus one
    evaluation batch;
 4. epoch = steps per epoch x step time + validation images x evaluation time per image; then the
-   search's trial-epochs (what the scheduler or pruner cuts), the confirmation stage, and the
-   trials that run at once give the wall time.
+   backend (:class:`normsearch.search.Backend`) turns that into the search stage's time (trials
+   at once, what its scheduler or pruner cuts, its start-up and per-trial overhead), and the
+   confirmation and hold-out runs (each testing its own weights in its worker) are added.
 
-The fused CPU kernels of ModeNorm/MixtureNorm (:mod:`normsearch.norms._cpu_ext`) are compiled the
+The fused CPU kernels of ModeNorm/MixtureNorm (:func:`normsearch.norms.build_cpu_kernels`) are compiled the
 first time a choice needs them (~40 s once per machine), which a first ``check`` then includes.
 ``normsearch run`` prints the same line (:func:`estimate_line`, 3 timed steps) before it starts.
 """
@@ -24,29 +25,20 @@ first time a choice needs them (~40 s once per machine), which a first ``check``
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .config import ConfigError, StudyConfig
-from .data import DEBIAN_FASHION_MNIST_DIR, DatasetInfo, TensorLoader, TensorSplit, get_dataset_info, read_raw
-from .models import create_model
-from .space import Categorical, Domain, Range, SearchSpace
-from .spec import ModelSpec
-from .surgery import find_norm_slots, model_from_spec
-from .train import Trainer, resolve_device
+from normsearch.config import StudyConfig
+from normsearch.data import TensorLoader, TensorSplit, get_dataset_info
+from normsearch.data.sizes import data_note, n_test_images, split_sizes
+from normsearch.prepare import Prepared, ensure_prepared
+from normsearch.search.base import Overhead
+from normsearch.space import Categorical, Domain, ModelSpec, Range, SearchSpace, model_from_spec
+from normsearch.train import Trainer, resolve_device
 
-#: Official training-set sizes (images), used when the files are not on disk yet.
-TRAIN_IMAGES = {"fashion_mnist": 60000, "mnist": 60000, "cifar10": 50000, "cifar100": 50000, "svhn": 73257}
-TEST_IMAGES = {"svhn": 26032}  # every other registered test split has 10,000 images
-#: ``MedianPruner(n_startup_trials, n_warmup_steps)`` as :func:`normsearch.study.make_pruner` builds it.
-MEDIAN_STARTUP_TRIALS, MEDIAN_WARMUP_STEPS = 2, 1
-#: Optuna's ``HyperbandPruner`` reduction factor (its default; ``make_pruner`` keeps it).
-HYPERBAND_REDUCTION = 3.0
 PROBE_BATCH = 8  #: images per forward/backward pass when building every choice
 
 
@@ -81,6 +73,8 @@ class Estimate:
         schedule: what the scheduler/pruner (or ENAS) does to the epoch budget, in words.
         confirm: the confirmation stage in words (empty when off).
         notes: warnings (missing data, no GPU for gpus_per_trial, cluster, time limit).
+        overhead: the backend's start-up seconds per stage and overhead seconds per trial,
+            included in ``search_s`` and ``confirm_s``.
     """
 
     trials: int
@@ -93,6 +87,7 @@ class Estimate:
     schedule: str
     confirm: str = ""
     notes: list[str] = field(default_factory=list)
+    overhead: Overhead = Overhead()
 
     @property
     def total_s(self) -> tuple[float, float]:  # (low, high) of search + confirmation
@@ -100,11 +95,20 @@ class Estimate:
 
     def line(self) -> str:
         """One line, e.g. ``64 trials x 160 epochs, 4 at a time: 9.5 h to 31 h on this machine (cpu); ...``."""
-        lo, hi = self.total_s
         return (f"{self.trials} trials x {self.epochs} epochs, {self.concurrent} at a time: "
-                f"{format_duration(lo)} to {format_duration(hi)} on this machine ({self.device}); "
+                f"{format_span(*self.total_s)} on this machine ({self.device}); "
                 f"a trial-epoch takes {_num(self.epoch_s[0])}-{_num(self.epoch_s[1])} s; {self.schedule}"
                 + (f"; {self.confirm}" if self.confirm else ""))
+
+
+def format_span(low: float, high: float) -> str:
+    """A (low, high) range of seconds that reads well: ``about 5 min`` when both ends print the
+    same, else ``5 to 7 min`` (``40 s to 3 min`` across units)."""
+    lo, hi = format_duration(low), format_duration(high)
+    if lo == hi:
+        return f"about {lo}"
+    (lo_n, lo_u), (_, hi_u) = lo.rsplit(" ", 1), hi.rsplit(" ", 1)
+    return f"{lo_n} to {hi}" if lo_u == hi_u else f"{lo} to {hi}"
 
 
 def format_duration(seconds: float) -> str:
@@ -120,50 +124,6 @@ def format_duration(seconds: float) -> str:
 
 def _num(x: float) -> str:  # 2 significant digits below 10 (9.5), whole numbers above (31, 190)
     return f"{x:.2g}" if x < 10 else f"{x:.0f}"
-
-
-# data on disk and split sizes (nothing read unless all files are there, nothing written)
-
-
-def _leaves(name: str) -> list[DatasetInfo]:
-    """The registered datasets whose files ``name`` reads (itself, or its ``parts``, recursively)."""
-    info = get_dataset_info(name)
-    return [leaf for part in info.parts for leaf in _leaves(part)] if info.parts else [info]
-
-
-def _missing(cfg: StudyConfig) -> list[DatasetInfo]:  # leaves with files absent from data.root
-    root = Path(cfg.data.root).expanduser()
-    return [leaf for leaf in _leaves(cfg.data.dataset)
-            if not all((root / leaf.folder / f).is_file() for f in leaf.files)]
-
-
-def data_note(cfg: StudyConfig) -> Optional[str]:
-    """``None`` if the dataset's files are in ``data.root`` (or Debian's Fashion-MNIST is
-    installed), else one line saying where they are expected and how to get them."""
-    root = Path(cfg.data.root).expanduser()
-    debian = all((DEBIAN_FASHION_MNIST_DIR / f"{f}.gz").is_file() for f in get_dataset_info("fashion_mnist").files)
-    missing = [leaf for leaf in _missing(cfg) if not (leaf.name == "fashion_mnist" and debian)]
-    if not missing:
-        return None
-    where = ", ".join(str(root / leaf.folder) for leaf in missing)
-    how = ("`normsearch run` downloads it (data.download: true)" if cfg.data.download
-           else "; ".join(leaf.hint.replace("ROOT", str(root)) for leaf in missing))
-    return f"{cfg.data.dataset} is not on disk yet ({where}): {how}"
-
-
-def split_sizes(cfg: StudyConfig) -> tuple[int, int]:
-    """(training, validation) images per epoch, as :func:`normsearch.data.load_data` splits them.
-
-    Counts the files' images when they are all in ``data.root`` (reading them writes nothing),
-    else uses :data:`TRAIN_IMAGES`; a composite dataset sums its parts.
-    """
-    on_disk = not _missing(cfg)
-    total = sum(len(read_raw(leaf.name, cfg.data.root).train_y) if on_disk else TRAIN_IMAGES.get(leaf.name, 50000)
-                for leaf in _leaves(cfg.data.dataset))
-    val = cfg.data.val_size
-    n_val = int(round(val * total)) if val < 1 else min(int(val), total - 1)
-    n_train = total - n_val
-    return (min(n_train, cfg.data.train_size) if cfg.data.train_size else n_train), n_val
 
 
 # configurations
@@ -216,14 +176,9 @@ def build_choices(cfg: StudyConfig, space: SearchSpace) -> list[ChoiceCost]:
     return sorted(costs, key=lambda c: c.seconds)
 
 
-def _threads(cfg: StudyConfig) -> Optional[int]:
-    """Threads a trial gets: ``train.threads``, else a Ray trial's CPUs (Ray sets OMP_NUM_THREADS)."""
-    ray = cfg.train.threads is None and cfg.search.backend == "ray"
-    return max(1, int(cfg.search.ray.cpus_per_trial)) if ray else cfg.train.threads
-
-
-def time_config(cfg: StudyConfig, spec: ModelSpec, name: str, steps: int) -> Timing:
-    """Time ``steps`` training steps and one evaluation batch of ``spec`` (module docstring, step 3)."""
+def time_config(cfg: StudyConfig, spec: ModelSpec, name: str, steps: int, threads: Optional[int] = None) -> Timing:
+    """Time ``steps`` training steps and one evaluation batch of ``spec`` (module docstring, step 3)
+    with ``threads`` CPU threads (a trial's, :meth:`normsearch.search.Backend.trial_threads`)."""
     info = get_dataset_info(cfg.data.dataset)
     tc = cfg.train
     device = resolve_device(tc.device)
@@ -236,7 +191,7 @@ def time_config(cfg: StudyConfig, spec: ModelSpec, name: str, steps: int) -> Tim
     n_eval = min(tc.eval_batch_size, n)
     val = TensorLoader(TensorSplit(split.x[:n_eval], split.y[:n_eval]), n_eval, shuffle=False, augment=None, **norm)
     # a tiny learning rate: random images must not make the loss diverge (a step costs the same)
-    run_cfg = tc.model_copy(update={"epochs": 1, "steps_per_epoch": steps, "compile": False, "threads": _threads(cfg),
+    run_cfg = tc.model_copy(update={"epochs": 1, "steps_per_epoch": steps, "compile": False, "threads": threads,
                                     "optimizer": tc.optimizer.model_copy(update={"lr": 1e-6})})
     trainer = Trainer(_model(cfg, spec), run_cfg, std_loss_layers=spec.std_loss_layers, std_loss_weight=spec.std_loss_weight,
                       device=device)
@@ -249,59 +204,13 @@ def time_config(cfg: StudyConfig, spec: ModelSpec, name: str, steps: int) -> Tim
 # the arithmetic
 
 
-def successive_halving_epochs(epochs: int, grace: float, factor: float) -> float:
-    """Expected epochs per trial under successive halving (Li et al. 2020, ASHA): every trial runs
-    ``grace`` epochs, ``1/factor`` of those at a rung (``grace * factor**k`` epochs) go on to the next."""
-    rungs = [grace]
-    while rungs[-1] * factor < epochs:
-        rungs.append(rungs[-1] * factor)
-    if rungs[0] >= epochs:
-        return float(epochs)
-    total, frac = rungs[0], 1.0
-    for start, end in zip(rungs, rungs[1:] + [epochs]):
-        frac /= factor
-        total += frac * (end - start)
-    return total
+def estimate(prepared: Prepared, timings: tuple[Timing, Timing]) -> Estimate:
+    """The study's wall time from the cheapest and most expensive :class:`Timing` (module docstring, step 4).
 
-
-def trial_epochs(cfg: StudyConfig) -> tuple[float, float, str]:
-    """(low, high) epochs per trial the search trains on average, and the schedule in words."""
-    s, e = cfg.search, cfg.train.epochs
-    if s.backend == "ray" and s.ray.scheduler == "asha":
-        sh = successive_halving_epochs(e, min(s.ray.grace_period, e), s.ray.reduction_factor)
-        return sh, sh, (f"ASHA (grace {s.ray.grace_period}, factor {s.ray.reduction_factor:g}) cuts a trial to "
-                        f"{sh:.3g} epochs on average (successive halving)")
-    if s.backend == "optuna" and s.pruner == "median" and s.n_trials > MEDIAN_STARTUP_TRIALS:
-        cut = min(MEDIAN_WARMUP_STEPS + 1, e)
-        later = s.n_trials - MEDIAN_STARTUP_TRIALS
-        lo = (MEDIAN_STARTUP_TRIALS * e + later * (e + cut) / 2) / s.n_trials
-        return lo, float(e), f"median pruner: {lo:.3g}-{e} epochs per trial (half the later trials stopped at epoch {cut} .. none)"
-    if s.backend == "optuna" and s.pruner == "hyperband":
-        sh = successive_halving_epochs(e, 1, HYPERBAND_REDUCTION)
-        return sh, float(e), f"Hyperband pruner: {sh:.3g}-{e} epochs per trial"
-    return float(e), float(e), "no early stopping"
-
-
-def concurrency(cfg: StudyConfig, notes: list[str]) -> int:
-    """Trials at once: ray ``floor(cpus / cpus_per_trial)`` (and GPUs / ``gpus_per_trial``), others 1."""
-    s, rc = cfg.search, cfg.search.ray
-    if s.backend != "ray":
-        return 1
-    n = max(1, math.floor((os.cpu_count() or 1) / rc.cpus_per_trial))
-    if rc.gpus_per_trial > 0:
-        if not torch.cuda.device_count():
-            notes.append(f"search.ray.gpus_per_trial is {rc.gpus_per_trial:g} but this machine has no GPU: Ray will not "
-                         f"start such trials here; counted as one GPU, timed on the CPU")
-        n = min(n, max(1, math.floor((torch.cuda.device_count() or 1) / rc.gpus_per_trial)))
-    if rc.max_concurrent_trials:
-        n = min(n, rc.max_concurrent_trials)
-    if rc.address:
-        notes.append(f"search.ray.address is {rc.address!r}: concurrency counted on this machine; a cluster runs more")
-    return max(1, min(n, s.n_trials))
-
-
-def estimate(cfg: StudyConfig, timings: tuple[Timing, Timing]) -> Estimate:
-    """The study's wall time from the cheapest and most expensive :class:`Timing` (module docstring, step 4)."""
+    Every backend-specific quantity (trials at once, the epochs a pruner or scheduler leaves, the
+    search stage's shape, start-up and per-trial overhead) comes from ``prepared.backend``.
+    """
+    cfg, backend = prepared.cfg, prepared.backend
     notes: list[str] = []
     n_train, n_val = split_sizes(cfg)
     steps = min(cfg.train.steps_per_epoch or math.inf, math.ceil(n_train / cfg.train.batch_size))
@@ -311,36 +220,32 @@ def estimate(cfg: StudyConfig, timings: tuple[Timing, Timing]) -> Estimate:
 
     timings = tuple(sorted(timings, key=cost))  # on a busy machine "cheapest" can time slower
     epoch_s = (cost(timings[0]), cost(timings[1]))
+    eval_s = (timings[0].eval_s_per_image, timings[1].eval_s_per_image)
     s, e = cfg.search, cfg.train.epochs
-    conc = concurrency(cfg, notes)
-    if s.backend == "enas":
-        ec, bs = s.enas, cfg.train.batch_size
-        supernet_epochs, retrained = ec.epochs or e, ec.top_k_retrain or s.n_trials
-        reward_images = ec.recalibration_batches * bs + (ec.reward_batch_size or bs)  # per child rewarded
-        controller = ec.controller_steps_per_epoch * ec.controller_batch * reward_images
-        scoring = (ec.num_final_samples + 1) * (ec.recalibration_batches * bs + n_val)
-        search = tuple(supernet_epochs * (es + controller * t.eval_s_per_image) + scoring * t.eval_s_per_image
-                       + retrained * e * es for es, t in zip(epoch_s, timings))
-        schedule = f"ENAS: {supernet_epochs} supernet epochs, then {retrained} children retrained for {e} epochs"
-    else:
-        lo_ep, hi_ep, schedule = trial_epochs(cfg)
-        search = tuple(max(n * s.n_trials / conc, e) * es for n, es in zip((lo_ep, hi_ep), epoch_s))
+    conc = backend.concurrency(cfg, notes)
+    overhead = backend.overhead_seconds(cfg)
+    train_s, schedule = backend.search_seconds(cfg, epoch_s, eval_s, n_val, conc)
+    waves = math.ceil(s.n_trials / conc)
+    search = tuple(x + overhead.startup_s + waves * overhead.per_trial_s for x in train_s)
     if s.timeout_s:
         search = tuple(min(x, s.timeout_s) for x in search)
         notes.append(f"search.timeout_s caps the search stage at {format_duration(s.timeout_s)}")
     confirm_s, confirm = (0.0, 0.0), ""
     if cfg.final.confirm:
-        runs = (cfg.final.top_k + len(s.references)) * cfg.final.seeds
-        runs += 2 * cfg.final.holdout_seeds if s.references else 0  # hold-out: the chosen one and the reference
+        runs = (cfg.final.top_k + len(prepared.references)) * cfg.final.seeds
+        runs += 2 * cfg.final.holdout_seeds if prepared.references else 0  # hold-out: the chosen one and the reference
         c_epochs = cfg.final.epochs or e
-        n_test = cfg.data.test_size or sum(TEST_IMAGES.get(leaf.name, 10000) for leaf in _leaves(cfg.data.dataset))
-        n_test *= len(cfg.data.eval_corruptions) + 1 if cfg.data.eval_corruptions else 1  # corrupted copies + clean
-        test = [runs * n_test * t.eval_s_per_image if cfg.final.evaluate_test else 0.0 for t in timings]  # serial
-        confirm_s = tuple(math.ceil(runs / conc) * c_epochs * es + ts for es, ts in zip(epoch_s, test))
+        n_test = n_test_images(cfg) if cfg.final.evaluate_test else 0
+        # each run tests its own weights in its worker after its last epoch, ``conc`` runs at once
+        stages = 1 + (1 if cfg.final.holdout_seeds and prepared.references else 0)
+        c_waves = math.ceil(runs / conc)
+        confirm_s = tuple(c_waves * (c_epochs * es + n_test * ev + overhead.per_trial_s) + stages * overhead.startup_s
+                          for es, ev in zip(epoch_s, eval_s))
         confirm = (f"confirmation included: {runs} runs x {c_epochs} epochs + testing on {n_test} images "
                    f"({format_duration(confirm_s[1])} at most)")
     device = resolve_device(cfg.train.device).type
-    return Estimate(s.n_trials, e, conc, device, epoch_s, search, confirm_s, schedule, confirm, notes)
+    return Estimate(s.n_trials, e, conc, device, epoch_s, search, confirm_s, schedule, confirm, notes,
+                    overhead=overhead)
 
 
 # entry points
@@ -348,30 +253,26 @@ def estimate(cfg: StudyConfig, timings: tuple[Timing, Timing]) -> Estimate:
 
 @dataclass
 class CheckResult:
-    """What :func:`check` found: the resolved space, every choice's cost, two timings, the estimate."""
+    """What :func:`check` found: the prepared run, every choice's cost, two timings, the estimate."""
 
-    space: SearchSpace
+    prepared: Prepared
     choices: list[ChoiceCost]
     timings: tuple[Timing, Timing]
     estimate: Estimate
 
-
-def resolve_space(cfg: StudyConfig) -> SearchSpace:
-    """The space resolved against the model's slots (shapes from the dataset registry; no data read).
-    Raises ConfigError: a pattern matching nothing, a choice that cannot be built, ENAS float ranges."""
-    info = get_dataset_info(cfg.data.dataset)
-    model = create_model(cfg.model.name, in_channels=info.in_channels, num_classes=info.num_classes, **cfg.model.kwargs)
-    space = SearchSpace.from_config(cfg.space, find_norm_slots(model), cfg.model.name)
-    if cfg.search.backend == "enas":
-        from .search.enas_space import EnasSpace
-
-        EnasSpace(space, cfg.space)
-    return space
+    @property
+    def space(self) -> SearchSpace:
+        return self.prepared.space
 
 
-def check(cfg: StudyConfig, steps: int = 4) -> CheckResult:
-    """Validate ``cfg``, build every choice, time ``steps`` (>= 3, 2 warm-up) training steps of the
-    cheapest and the most expensive configuration.
+def check(target: "Prepared | StudyConfig", steps: int = 4) -> CheckResult:
+    """Build every choice of a prepared run and time ``steps`` (>= 3, 2 warm-up) training steps of
+    the cheapest and the most expensive configuration; nothing is written and no data is read.
+
+    Args:
+        target: a :class:`~normsearch.prepare.Prepared` run, or a configuration, which is then
+            prepared without data (:func:`normsearch.prepare.prepare` with ``data=False``).
+        steps: timed training steps per configuration.
 
     Raises:
         ConfigError: invalid configuration, space or ``train.device`` (one line naming the key path).
@@ -379,27 +280,26 @@ def check(cfg: StudyConfig, steps: int = 4) -> CheckResult:
     """
     if steps < 3:
         raise ValueError(f"steps must be >= 3 (2 are warm-up), got {steps}")
-    try:
-        resolve_device(cfg.train.device)
-    except ValueError as err:  # "device: ..." -> "train.device: ..."
-        raise ConfigError(f"train.{err}") from None
-    space = resolve_space(cfg)
+    prepared = ensure_prepared(target, data=False)
+    cfg, space = prepared.cfg, prepared.space
     threads = torch.get_num_threads()
+    trial_threads = prepared.backend.trial_threads(cfg)
     try:
-        torch.set_num_threads(_threads(cfg) or threads)  # probe with a trial's threads too
+        torch.set_num_threads(trial_threads or threads)  # probe with a trial's threads too
         choices = build_choices(cfg, space)
         loss_possible = isinstance(space.std_weight, Range) or space.std_weight > 0
         cheap = config_for(space, choices[0].label, largest=False, loss=False)
         dear = config_for(space, choices[-1].label, largest=True, loss=loss_possible)
-        timings = (time_config(cfg, cheap, "cheapest", steps), time_config(cfg, dear, "most expensive", steps))
+        timings = (time_config(cfg, cheap, "cheapest", steps, trial_threads),
+                   time_config(cfg, dear, "most expensive", steps, trial_threads))
     finally:
         torch.set_num_threads(threads)
-    est = estimate(cfg, timings)
-    est.notes[:0] = [note for note in [data_note(cfg)] if note]
-    return CheckResult(space, choices, timings, est)
+    est = estimate(prepared, timings)
+    est.notes[:0] = [note for note in [data_note(cfg), *prepared.notes] if note]
+    return CheckResult(prepared, choices, timings, est)
 
 
-def estimate_line(cfg: StudyConfig, steps: int = 3) -> str:
+def estimate_line(target: "Prepared | StudyConfig", steps: int = 3) -> str:
     """``estimate: <Estimate.line()>`` for ``normsearch run``: the same measurement as :func:`check`
     with ``steps`` timed steps (3: one after the warm-up)."""
-    return "estimate: " + check(cfg, steps).estimate.line()
+    return "estimate: " + check(target, steps).estimate.line()

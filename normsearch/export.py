@@ -16,9 +16,9 @@ from typing import Any, Callable, Mapping, Optional
 import yaml
 from optuna.trial import FrozenTrial
 
-from .norms import get_norm_entry
-from .spec import ModelSpec
-from .study import STUDY_CONFIRMATION, STUDY_IN_CHANNELS, STUDY_NUM_CLASSES, val_acc_of
+from normsearch.norms import get_norm_entry
+from normsearch.space.spec import ModelSpec
+from normsearch.search.study import ATTR_SPEC, STUDY_CONFIRMATION, STUDY_IN_CHANNELS, STUDY_NUM_CLASSES, val_acc_of
 
 
 def attribute_path(label: str) -> str:
@@ -150,7 +150,7 @@ def confirmed_text(row: Mapping[str, Any], result: Mapping[str, Any]) -> str:
     """Docstring lines: why this configuration, its intervals, and the decision's line."""
     from functools import partial
 
-    from .confirm_report import interval_text
+    from normsearch.report.confirmation import interval_text
 
     ci = partial(interval_text, bounds=True, missing="n/a")  # (mean, [low, high], scale, signed)
 
@@ -182,9 +182,9 @@ def export_run(run_dir: Path, trial_number: Optional[int] = None, out_dir: Optio
         FileNotFoundError: ``run_dir`` has no ``config.yaml``.
         LookupError: the study has no completed trial, or no trial ``trial_number``.
     """
-    from .models import create_model
-    from .study import load_study, ranked_trials, run_config, trial_spec
-    from .surgery import find_norm_slots
+    from normsearch.models import create_model
+    from normsearch.search.study import load_study, ranked_trials, run_config, trial_spec
+    from normsearch.space.surgery import find_norm_slots
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
@@ -203,7 +203,7 @@ def export_run(run_dir: Path, trial_number: Optional[int] = None, out_dir: Optio
         trial = ranked[0]
     else:
         matches = [t for t in study.get_trials(deepcopy=False) if t.number == trial_number]
-        if not matches or "spec" not in matches[0].user_attrs:
+        if not matches or ATTR_SPEC not in matches[0].user_attrs:
             raise LookupError(f"{run_dir}: no trial {trial_number} with a recorded spec")
         trial = matches[0]
     spec = trial_spec(trial)

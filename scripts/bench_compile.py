@@ -2,7 +2,7 @@
 
 For each normalizer (in every slot of ResNet-20, CIFAR-shaped random data by default) this builds
 the model twice from the same initial weights: once eager, once through the Trainer's own
-:class:`normsearch.train.CompiledForward` (``torch.compile``, default mode, ``dynamic=False``). It
+:class:`normsearch.train.trainer.CompiledForward` (``torch.compile``, default mode, ``dynamic=False``). It
 reports, in one run so that the ratios share the machine's load:
 
 * ``compile_s``: seconds the first compiled training step takes beyond a compiled step (graph
@@ -49,7 +49,7 @@ from torch.nn import functional as F
 
 from normsearch.models import create_model
 from normsearch.norms import create_norm_layer
-from normsearch.train import CompiledForward, set_seed
+from normsearch.train.trainer import CompiledForward, set_seed
 
 from bench_norms import NormChoice, parse_norms  # same directory (python puts it on sys.path)
 

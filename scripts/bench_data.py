@@ -26,7 +26,7 @@ from collections.abc import Iterable
 import torch
 from PIL import Image
 
-from normsearch._tv_compat import torchvision
+from normsearch.data._tv_compat import torchvision
 from normsearch.config import AugmentConfig
 from normsearch.data import TensorLoader, TensorSplit, channel_stats
 

@@ -15,7 +15,7 @@ the same run and format. Targets (ResNet-20 step time / BN): ModeNorm <= 1.10, M
 1.15, SwitchNorm <= 1.15, MixtureNorm <= 1.6. Timings are printed, never asserted.
 
 ``--keep-freed-memory`` applies the allocator setting the Trainer uses on CPU
-(:func:`normsearch.train.keep_freed_memory`: glibc keeps freed memory instead of returning it to
+(:func:`normsearch.train.trainer.keep_freed_memory`: glibc keeps freed memory instead of returning it to
 the OS), so the figures match what trials see; without it the process runs with glibc's defaults,
 under which every normalizer pays page faults for its fresh temporaries, the ones with large
 temporaries (MixtureNorm, ModeNorm) more than BatchNorm.
@@ -54,8 +54,8 @@ from torch.nn import functional as F
 from normsearch.models import create_model
 from normsearch.norms import _cpu_ext
 from normsearch.norms import StandardizationLossTap, create_norm_layer, list_norms, standardization_loss
-from normsearch.surgery import find_norm_slots
-from normsearch.train import keep_freed_memory
+from normsearch.space.surgery import find_norm_slots
+from normsearch.train.trainer import keep_freed_memory
 
 DEFAULT_NORMS = (
     "batchnorm,groupnorm,layernorm,instancenorm,modenorm:num_components=2,"
@@ -274,7 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--csv", default=None, metavar="PATH", help="also write all rows to this CSV file")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 8, 1 warm-up, 1 step, 2 rounds")
     p.add_argument("--keep-freed-memory", action="store_true",
-                   help="the Trainer's CPU allocator setting (normsearch.train.keep_freed_memory)")
+                   help="the Trainer's CPU allocator setting (normsearch.train.trainer.keep_freed_memory)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size, args.warmup, args.steps, args.repeats = 8, 1, 1, 2

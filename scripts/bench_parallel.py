@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_trainer import make_cfg  # noqa: E402  (the same training settings as the trainer benchmark)
 
 from normsearch.models import create_model  # noqa: E402
-from normsearch.train import TIMING_WARMUP_STEPS, Trainer, set_seed  # noqa: E402
+from normsearch.train.trainer import TIMING_WARMUP_STEPS, Trainer, set_seed  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from normsearch.config import TrainConfig
 from normsearch.models import create_model
-from normsearch.train import TIMING_WARMUP_STEPS, Trainer, set_seed
+from normsearch.train.trainer import TIMING_WARMUP_STEPS, Trainer, set_seed
 
 _FLAG = {"auto": "auto", "true": True, "false": False}
 

@@ -2,7 +2,7 @@
 
 Fashion-MNIST (a ``--train-size`` subset), ResNet-20, the quick-start search space (every slot:
 BatchNorm, ModeNorm with K in {2, 3} or GroupNorm with 4 or 8 groups; standardization-loss weight
-in [1e-3, 1e-1] on a log scale or off; ENAS fixes it at 1e-2, see ``normsearch.search.enas_space``).
+in [1e-3, 1e-1] on a log scale or off; ENAS fixes it at 1e-2, see ``normsearch.search.enas.space``).
 
 In one run, in this order:
 
@@ -18,7 +18,7 @@ In one run, in this order:
    batch)``; the final scoring ``(N + 1) * (recalibration images + val)``. Supernet children with
    ModeNorm or GroupNorm cost more per image than the BatchNorm reference, so fewer epochs may fit
    than planned: ENAS then cuts its epochs and learning-rate schedule to what fits after timing its
-   first epoch (see ``normsearch.search.enas.run_enas``); the table gives both numbers.
+   first epoch (see ``normsearch.search.enas.loop.run_enas``); the table gives both numbers.
 3. **tpe** and 4. **random**: the optuna backend (median pruner) with ``search.timeout_s = budget``
    (Optuna starts no new trial after it, so the last trial may overrun it).
 
@@ -49,9 +49,10 @@ import optuna
 
 from normsearch.config import StudyConfig, parse_config
 from normsearch.data import load_data
-from normsearch.runner import prepare, run
-from normsearch.study import load_study, ranked_trials, states_count, val_acc_of
-from normsearch.trial import run_trial
+from normsearch.prepare import prepare
+from normsearch.runner import run
+from normsearch.search.study import load_study, ranked_trials, states_count, val_acc_of
+from normsearch.train.trial import run_trial
 
 SPACE = {
     "layers": [{"select": "all", "choices": [
@@ -98,7 +99,7 @@ def make_config(args: argparse.Namespace, name: str, run_dir: Path, search: dict
 def reference(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Train one BatchNorm model; its wall time is the unit of cost."""
     cfg = make_config(args, "reference", root / "reference", {})
-    spec = prepare(cfg).default()  # first choice (BatchNorm) everywhere, loss off
+    spec = prepare(cfg).space.default()  # first choice (BatchNorm) everywhere, loss off
     t0 = time.perf_counter()
     outcome = run_trial(cfg, spec, seed=args.seed)
     wall = time.perf_counter() - t0

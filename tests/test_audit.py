@@ -15,7 +15,7 @@ import pytest
 
 from normsearch.audit import AuditRow, AuditTable, configurations, random_regret_closed_form, replay, replay_once
 from normsearch.config import ConfigError, parse_config
-from normsearch.space import SearchSpace
+from normsearch.space.search_space import SearchSpace
 
 KINDS = ["batchnorm", "instancenorm", {"kind": "groupnorm", "num_groups": 2}, "layernorm"]
 

@@ -9,8 +9,12 @@ import pytest
 from normsearch import estimate as est
 from normsearch.cli import main
 from normsearch.config import parse_config
-from normsearch.spec import ModelSpec
-from normsearch.study import make_pruner
+from normsearch.space.spec import ModelSpec
+from normsearch.prepare import prepare
+from normsearch.search import get_backend
+from normsearch.search import ray_backend
+from normsearch.search.schedules import successive_halving_epochs
+from normsearch.search.study import MEDIAN_STARTUP_TRIALS, MEDIAN_WARMUP_STEPS, make_pruner
 
 TINY = """\
 name: tiny
@@ -49,30 +53,40 @@ def sh_by_counting(n: int, grace: int, factor: int, epochs: int) -> float:
 @pytest.mark.parametrize("epochs, grace, factor", [(9, 1, 3), (160, 10, 3), (3, 1, 2), (100, 4, 2), (5, 10, 3)])
 def test_successive_halving_matches_counting_trials(epochs, grace, factor):
     n = factor ** 8  # divisible at every rung
-    assert est.successive_halving_epochs(epochs, grace, factor) == pytest.approx(sh_by_counting(n, grace, factor, epochs))
+    assert successive_halving_epochs(epochs, grace, factor) == pytest.approx(sh_by_counting(n, grace, factor, epochs))
 
 
 def test_median_pruner_constants_match_the_study(tmp_path):
     pruner = make_pruner(tiny(tmp_path))
-    assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (est.MEDIAN_STARTUP_TRIALS, est.MEDIAN_WARMUP_STEPS)
+    assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (MEDIAN_STARTUP_TRIALS, MEDIAN_WARMUP_STEPS)
+
+
+def trial_epochs(cfg):
+    return get_backend(cfg.search.backend).trial_epochs(cfg)
+
+
+def concurrency(cfg, notes):
+    return get_backend(cfg.search.backend).concurrency(cfg, notes)
 
 
 def test_trial_epochs_per_backend(tmp_path):
-    lo, hi, _ = est.trial_epochs(tiny(tmp_path))  # median: 2 startup trials whole, half of 3 stopped at epoch 2
+    lo, hi, _ = trial_epochs(tiny(tmp_path))  # median: 2 startup trials whole, half of 3 stopped at epoch 2
     assert (lo, hi) == (pytest.approx((2 * 3 + 3 * (3 + 2) / 2) / 5), 3.0)
     ray = tiny(tmp_path, search={"backend": "ray", "ray": {"grace_period": 1, "reduction_factor": 3}})
-    assert est.trial_epochs(ray)[:2] == (pytest.approx(1 + 2 / 3), pytest.approx(1 + 2 / 3))  # rungs 1, 3
+    assert trial_epochs(ray)[:2] == (pytest.approx(1 + 2 / 3), pytest.approx(1 + 2 / 3))  # rungs 1, 3
     fifo = tiny(tmp_path, search={"backend": "ray", "ray": {"scheduler": "fifo"}})
-    assert est.trial_epochs(fifo)[:2] == (3.0, 3.0)
+    assert trial_epochs(fifo)[:2] == (3.0, 3.0)
 
 
 def test_concurrency(tmp_path, monkeypatch):
-    monkeypatch.setattr(est.os, "cpu_count", lambda: 8)
-    monkeypatch.setattr(est.torch.cuda, "device_count", lambda: 0)
+    import torch
+
+    monkeypatch.setattr(ray_backend.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
 
     def conc(**ray):
         notes: list[str] = []
-        return est.concurrency(tiny(tmp_path, search={"backend": "ray", "n_trials": 64, "ray": ray}), notes), notes
+        return concurrency(tiny(tmp_path, search={"backend": "ray", "n_trials": 64, "ray": ray}), notes), notes
 
     assert conc(cpus_per_trial=2) == (4, [])
     assert conc(cpus_per_trial=3) == (2, [])
@@ -80,31 +94,32 @@ def test_concurrency(tmp_path, monkeypatch):
     assert n == 4 and "no GPU" in notes[0]
     assert conc(cpus_per_trial=1, gpus_per_trial=1)[0] == 1
     assert conc(cpus_per_trial=1, max_concurrent_trials=3)[0] == 3
-    assert est.concurrency(tiny(tmp_path, search={"backend": "ray", "n_trials": 2}), []) == 2  # never above n_trials
-    assert est.concurrency(tiny(tmp_path), []) == 1  # optuna
+    assert concurrency(tiny(tmp_path, search={"backend": "ray", "n_trials": 2}), []) == 2  # never above n_trials
+    assert concurrency(tiny(tmp_path), []) == 1  # optuna
 
 
 def test_estimate_arithmetic(tmp_path, monkeypatch):
-    monkeypatch.setattr(est.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(ray_backend.os, "cpu_count", lambda: 4)
     cfg = tiny(tmp_path, search={"backend": "ray", "n_trials": 6, "references": ["batchnorm"],
                                  "ray": {"cpus_per_trial": 2, "scheduler": "fifo"}},
                final={"top_k": 2, "seeds": 2, "epochs": 5})
     timings = (est.Timing("cheapest", ModelSpec(), 0.5, 0.001), est.Timing("most expensive", ModelSpec(), 2.0, 0.004))
-    e = est.estimate(cfg, timings)
+    e = est.estimate(prepare(cfg, data=False), timings)
     steps = math.ceil(256 / 32)  # data not on disk: train_size caps the official 60000 - 128
     epoch = (steps * 0.5 + 128 * 0.001, steps * 2.0 + 128 * 0.004)
     assert e.epoch_s == pytest.approx(epoch)
     assert e.concurrent == 2
     assert e.search_s == pytest.approx(tuple(6 * 3 / 2 * x for x in epoch))
     runs = (2 + 1) * 2  # top_k + references, x seeds
-    n_test = cfg.data.test_size or 10000  # Fashion-MNIST's test split, evaluated once per run in the driver
-    assert e.confirm_s == pytest.approx(tuple(math.ceil(runs / 2) * 5 * x + runs * n_test * per_image
+    n_test = cfg.data.test_size or 10000  # Fashion-MNIST's test split, tested once per run in its worker
+    assert e.confirm_s == pytest.approx(tuple(math.ceil(runs / 2) * (5 * x + n_test * per_image)
                                               for x, per_image in zip(epoch, (0.001, 0.004))))
     assert e.total_s == pytest.approx(tuple(a + b for a, b in zip(e.search_s, e.confirm_s)))
     line = e.line()
     assert line.startswith("6 trials x 3 epochs, 2 at a time: ") and "on this machine (cpu)" in line
     assert "confirmation included: 6 runs x 5 epochs" in line and "\n" not in line
-    off = est.estimate(cfg.model_copy(update={"final": cfg.final.model_copy(update={"confirm": False})}), timings)
+    off = est.estimate(prepare(cfg.model_copy(update={"final": cfg.final.model_copy(update={"confirm": False})}),
+                               data=False), timings)
     assert off.confirm_s == (0.0, 0.0) and "confirmation" not in off.line()
 
 
@@ -114,7 +129,7 @@ def test_format_duration():
 
 
 def test_config_for_picks_the_label_everywhere_at_its_ends(tmp_path):
-    space = est.resolve_space(tiny(tmp_path))
+    space = prepare(tiny(tmp_path), data=False).space
     dear = est.config_for(space, "modenorm", largest=True, loss=True)
     assert {s.kind for s in dear.layers.values()} == {"modenorm"}
     assert {s.kwargs["num_components"] for s in dear.layers.values()} == {3}

@@ -11,8 +11,9 @@ from optuna.trial import TrialState, create_trial
 
 from normsearch import confirm
 from normsearch.config import ConfigError, parse_config
-from normsearch.space import SearchSpace
-from normsearch.study import ATTR_EPOCH, ATTR_REFERENCE, ATTR_SEED, ATTR_SPEC, ATTR_STAGE
+from normsearch.search import TrialRecorder
+from normsearch.space.search_space import SearchSpace
+from normsearch.search.study import ATTR_EPOCH, ATTR_REFERENCE, ATTR_SEED, ATTR_SPEC, ATTR_STAGE
 
 SLOTS = {"bn1": 8, "bn2": 8}
 
@@ -82,8 +83,9 @@ def test_enqueue_references_is_idempotent():
     space = _space(cfg)
     study = optuna.create_study(direction="maximize")
     refs = confirm.reference_params(cfg, space)
-    assert confirm.enqueue_references(study, refs) == ["batchnorm"]
-    assert confirm.enqueue_references(study, refs) == []
+    recorder = TrialRecorder(cfg, "optuna", study=study)
+    assert confirm.enqueue_references(recorder, refs) == ["batchnorm"]
+    assert confirm.enqueue_references(recorder, refs) == []
     (t,) = study.get_trials(states=(TrialState.WAITING,))
     assert t.user_attrs == {ATTR_REFERENCE: "batchnorm", ATTR_STAGE: "search"}
 
@@ -156,7 +158,7 @@ def _staged(table, top_k=2, **cfg_over):
 def _run_staged(table, **fake):
     """Stage, enqueue, run (fake) and test every confirmation run; ``(cfg, space, study, cands, table, a, b)``."""
     cfg, space, study, cands, table, a, b = _staged(table)
-    confirm.enqueue_confirmation(study, cfg, cands)
+    confirm.enqueue_confirmation(TrialRecorder(cfg, "optuna", study=study), cfg, cands)
     _fake_run(study, cfg, space, cands, lambda label, i: table[label][i], **fake)
     return cfg, space, study, cands, table, a, b
 
@@ -171,11 +173,11 @@ def _decided(table):
 def test_enqueue_collect_and_summarize_against_scipy():
     cfg, space, study, cands, table, a, b = _staged(
         {"trial {a}": [0.81, 0.83, 0.82], "trial {b}": [0.70, 0.74, 0.69], "batchnorm": [0.80, 0.80, 0.81]})
-    enqueued = []
-    assert confirm.enqueue_confirmation(study, cfg, cands, enqueue=lambda p, u: (enqueued.append(u),
-                                        confirm.study_enqueue(study)(p, u))) == 9
-    assert len(enqueued) == 9 and {u["stage"] for u in enqueued} == {"confirm"}  # through the given enqueue
-    assert confirm.enqueue_confirmation(study, cfg, cands) == 0  # a resumed run enqueues nothing twice
+    recorder = TrialRecorder(cfg, "optuna", study=study)
+    assert confirm.enqueue_confirmation(recorder, cfg, cands) == 9
+    enqueued = [t.user_attrs for t in study.get_trials(states=(TrialState.WAITING,))]
+    assert len(enqueued) == 9 and {u["stage"] for u in enqueued} == {"confirm"}  # through the recorder
+    assert confirm.enqueue_confirmation(recorder, cfg, cands) == 0  # a resumed run enqueues nothing twice
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert sorted({t.user_attrs[ATTR_SEED] for t in waiting}) == [100_003, 100_004, 100_005]
     _fake_run(study, cfg, space, cands, lambda label, i: table[label][i])
@@ -250,14 +252,14 @@ def test_holdout_stage_makes_the_claim_from_fresh_seeds():
     cfg, space, study, cands, table, a, b = _staged(
         {"trial {a}": [0.83, 0.84, 0.835], "trial {b}": [0.70, 0.74, 0.69], "batchnorm": [0.80, 0.80, 0.81]},
         final={"top_k": 2, "seeds": 3, "holdout_seeds": 3})
-    confirm.enqueue_confirmation(study, cfg, cands)
+    confirm.enqueue_confirmation(TrialRecorder(cfg, "optuna", study=study), cfg, cands)
     _fake_run(study, cfg, space, cands, lambda label, i: table[label][i])
     _set_tests(study, table, cands, cfg)
     rows = confirm.collect(study, cfg, cands)
     chosen = confirm.summarize(rows).chosen
     pair = [c for c in cands if c.label in (chosen, "batchnorm")]
-    assert confirm.enqueue_confirmation(study, cfg, pair, "holdout") == 6
-    assert confirm.enqueue_confirmation(study, cfg, pair, "holdout") == 0
+    assert confirm.enqueue_confirmation(TrialRecorder(cfg, "optuna", study=study), cfg, pair, "holdout") == 6
+    assert confirm.enqueue_confirmation(TrialRecorder(cfg, "optuna", study=study), cfg, pair, "holdout") == 0
     seeds = {t.user_attrs[ATTR_SEED] for t in study.get_trials(states=(TrialState.WAITING,))}
     assert seeds == {200_003, 200_004, 200_005}  # no search or confirmation seed
     held = {f"trial {a}": [0.86, 0.87, 0.865], "batchnorm": [0.80, 0.805, 0.80]}

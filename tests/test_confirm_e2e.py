@@ -115,6 +115,6 @@ def test_search_confirm_verdict(tmp_path, backend):
 
 
 def _layers(trial):
-    from normsearch.study import trial_spec
+    from normsearch.search.study import trial_spec
 
     return trial_spec(trial).layers.values()

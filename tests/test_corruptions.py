@@ -124,7 +124,7 @@ def _cfg(corruptions, **search):
     ([], {"objectives": ["val_acc", "clean_val_acc"]}, r"search\.objectives: clean_val_acc needs data\.eval_corruptions"),
 ])
 def test_config_errors_name_the_key(corruptions, search, match) -> None:
-    from normsearch.preflight import check_names
+    from normsearch.prepare.checks import check_names
 
     with pytest.raises(ConfigError, match=match):
         check_names(_cfg(corruptions, **search))

@@ -27,7 +27,7 @@ import pytest
 
 from _tiny_study import SLOTS, needs_fashion, start_cli, stop, write_tiny_config
 from normsearch.cli import main
-from normsearch.study import ATTR_NUM_PARAMETERS, ATTR_STEP_TIME, ATTR_WORKER, FINISHED
+from normsearch.search.study import ATTR_NUM_PARAMETERS, ATTR_STEP_TIME, ATTR_WORKER, FINISHED
 
 CHROMIUM = Path(os.environ.get("NORMSEARCH_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [

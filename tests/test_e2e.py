@@ -10,10 +10,10 @@ import torch
 from optuna.trial import TrialState
 
 from normsearch.cli import main
-from normsearch.study import (
+from normsearch.search.study import (
     ATTR_BACKEND, ATTR_EPOCH, ATTR_IMAGES_PER_S, ATTR_NUM_PARAMETERS, ATTR_SPEC, ATTR_STEP_TIME, ATTR_STOPPED_BY,
 )
-from normsearch.surgery import count_parameters, slot_kinds
+from normsearch.space.surgery import count_parameters, slot_kinds
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_fashion_mnist]
 

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from normsearch.cli import main
-from normsearch.study import ATTR_FAIL_REASON, ATTR_RETRY_OF, ATTR_WORKER
+from normsearch.search.study import ATTR_FAIL_REASON, ATTR_RETRY_OF, ATTR_WORKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_fashion_mnist]
 

@@ -83,7 +83,7 @@ def _parts(graph: dict[str, set[str]]) -> tuple[dict[str, set[str]], set[str]]:
 def test_the_graph_reader_sees_function_level_and_relative_imports():
     graph = _graph()
     assert "normsearch.norms._registry" in graph["normsearch.norms"]  # from ._registry import ...
-    assert "normsearch.search.enas_space" in graph["normsearch.runner"]  # inside prepare()
+    assert "normsearch.confirm" in graph["normsearch.runner"]  # inside run()
     assert "normsearch.data.datasets" in graph["normsearch.data.bundle"]  # absolute form
 
 
@@ -101,6 +101,108 @@ def test_no_import_cycle_between_parts():
     assert {"config", "norms", "data", "models", "search", "runner", "cli"} <= set(order)
 
 
+def test_no_import_cycle_between_modules():
+    graph = {mod: {t for t in targets if t != mod} for mod, targets in _graph().items()}
+    # a package's __init__ re-exporting its modules is not a cycle with them: drop module -> own package edges
+    graph = {mod: {t for t in targets if not mod.startswith(t + ".")} for mod, targets in graph.items()}
+    try:
+        list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as err:
+        pytest.fail(f"import cycle between normsearch modules: {' -> '.join(err.args[1])}")
+
+
+def test_config_imports_nothing_of_normsearch_outside_itself():
+    outside = {t for mod, targets in _graph().items() if mod.startswith("normsearch.config")
+               for t in targets if not t.startswith("normsearch.config")}
+    assert outside == set(), f"config imports {sorted(outside)}"
+
+
+def _package_of(mod: str, is_pkg: bool) -> str:
+    return mod if is_pkg else mod.rpartition(".")[0]
+
+
+def _private_uses(name: str, path: Path, is_pkg: bool, modules: dict) -> list[str]:
+    """``_private`` names (not dunders) that module ``name`` takes from a module of another package:
+    imported by name, imported as a module, or read as an attribute of an imported module."""
+    own = _package_of(name, is_pkg)
+    base = name.split(".") if is_pkg else name.split(".")[:-1]
+    aliases: dict[str, str] = {}
+    found = []
+
+    def private(x: str) -> bool:
+        return x.startswith("_") and not x.startswith("__")
+
+    def foreign(module: str) -> bool:
+        return module in modules and _package_of(module, modules[module][1]) != own
+
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            parent = ".".join(base[: len(base) - node.level + 1] + [node.module or ""]) if node.level else node.module
+            parent = (parent or "").rstrip(".")
+            if any(private(part) for part in parent.split(".")) and foreign(parent):
+                found.append(f"{name}: imports from private module {parent}")
+            for a in node.names:
+                full = f"{parent}.{a.name}"
+                if full not in modules and foreign(parent):
+                    aliases[a.asname or a.name] = parent  # a class or function of a foreign module
+                if full in modules:  # a module
+                    aliases[a.asname or a.name] = full
+                    if private(a.name) and _package_of(full, modules[full][1]) != own and \
+                            _package_of(parent, modules.get(parent, ("", True))[1]) != own:
+                        found.append(f"{name}: imports module {full}")
+                elif private(a.name) and foreign(parent):
+                    found.append(f"{name}: imports {full}")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in modules and any(private(p) for p in a.name.split(".")) and foreign(a.name):
+                    found.append(f"{name}: imports module {a.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and private(node.attr):
+            target = aliases.get(node.value.id)
+            if target is not None and foreign(target):
+                found.append(f"{name}: reads {target}.{node.attr}")
+    return found
+
+
+def test_no_module_uses_a_private_name_of_another_package():
+    modules = _modules()
+    found = [use for name, (path, is_pkg) in modules.items() for use in _private_uses(name, path, is_pkg, modules)]
+    assert found == [], "\n".join(found)
+
+
+def test_estimate_and_runner_name_no_backend():
+    from normsearch.search import list_backends
+
+    for module in ("estimate", "runner"):
+        tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+        strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        named = sorted(set(list_backends()) & strings)
+        assert named == [], f"{module}.py names backends {named}: ask the Backend instead"
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {m for m in imported if m.endswith("_backend") or ".enas" in m}, imported
+
+
+def test_the_recorder_calls_no_storage_method():
+    tree = ast.parse((PACKAGE / "search" / "recorder.py").read_text())
+    calls = [ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and "storage" in ast.unparse(n.func.value).lower()]
+    assert calls == [], f"the recorder reaches into the storage: {calls}"
+
+
+def test_search_exports_its_public_api():
+    from normsearch.search import Backend, TrialRecorder, list_backends, register_backend
+
+    assert {"optuna", "ray", "enas"} <= set(list_backends()) and callable(register_backend)
+    assert isinstance(Backend, type) and isinstance(TrialRecorder, type)
+
+
+def test_every_module_has_at_most_400_lines():
+    long = {str(path.relative_to(PACKAGE)): n for path in PACKAGE.rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > 400}
+    assert long == {}, f"split these by concern: {long}"
+
+
 def test_config_and_norms_are_at_the_bottom():
     edges, leaves = _parts(_graph())
     assert edges["config"] <= leaves, f"config may import leaf modules only, imports {sorted(edges['config'])}"
@@ -108,16 +210,16 @@ def test_config_and_norms_are_at_the_bottom():
 
 
 def test_public_api_resolves_to_the_defining_objects():
-    from normsearch import config, norms, preflight, runner
+    from normsearch import config, norms, prepare, runner
 
-    homes = {"config": config, "norms": norms, "preflight": preflight, "runner": runner}
+    homes = {"config": config, "norms": norms, "prepare": prepare, "runner": runner}
     assert len(normsearch.__all__) == len(set(normsearch.__all__)) >= 13
     for name in normsearch.__all__:
         value = getattr(normsearch, name)
         home = homes[normsearch._EXPORTS[name].rpartition(".")[2]]
         assert value is getattr(home, name), name
         assert name in dir(normsearch)
-    assert normsearch.load_config is preflight.load_config  # the one that also checks registry names
+    assert normsearch.load_config is prepare.load_config  # the one that also checks registry names
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         normsearch.nope  # noqa: B018
 

@@ -19,7 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 from _tiny_study import SLOTS, needs_fashion, start_cli, stop, write_tiny_config
-from normsearch.study import ATTR_WEIGHTS, ATTR_WORKER, FINISHED, weights_path
+from normsearch.search.study import ATTR_WEIGHTS, ATTR_WORKER, FINISHED, weights_path
 
 URL_VAR = "NORMSEARCH_TEST_POSTGRES_URL"
 N_TRIALS = 6

@@ -13,18 +13,18 @@ from optuna.trial import TrialState, create_trial
 from PIL import Image
 
 from normsearch.cli import main
-from normsearch.introspect import collect_importance, load_trial_model, mode_gates
+from normsearch.report.introspect import collect_importance, load_trial_model, mode_gates
 from normsearch.models import create_model
 from normsearch.norms import ModeGroupNorm2d, ModeNorm2d, SwitchNorm2d
-from normsearch.report import (
+from normsearch.report.document import (
     FIGURES, choice_map, compact_choices, learning_curves, load_run, rank_trials, write_report,
 )
-from normsearch.spec import ModelSpec, NormSpec
-from normsearch.study import (
+from normsearch.space.spec import ModelSpec, NormSpec
+from normsearch.search.study import (
     ATTR_IMAGES_PER_S, ATTR_NUM_PARAMETERS, ATTR_SPEC, ATTR_STEP_TIME, ATTR_VAL_CURVE, spec_attrs, weights_path,
 )
-from normsearch.surgery import apply_model_spec, slot_kinds
-from normsearch.trial import save_weights
+from normsearch.space.surgery import apply_model_spec, slot_kinds
+from normsearch.train.trial import save_weights
 
 SLOTS = ("conv1.norm", "conv2.norm")  # lenet, model order
 KINDS = ("batchnorm", "switchnorm", "modenorm", "groupnorm", "none")

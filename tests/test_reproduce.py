@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from normsearch.config import DataConfig, TrainConfig, load_config
+from normsearch.config import DataConfig, TrainConfig, read_config as load_config
 from normsearch.models import create_model
 from normsearch.data import TensorLoader, load_data
 from normsearch.norms.standardization import standardization_loss
@@ -19,7 +19,7 @@ from normsearch.reproduce import (
     run_experiment, scale_epochs, sl_cnn_arms, sl_cnn_data, sl_cnn_train_config, steps_to_reach, write_csv,
 )
 from normsearch.reproduce.experiments import RESNET_RECIPE
-from normsearch.surgery import find_norm_slots, slot_kinds
+from normsearch.space.surgery import find_norm_slots, slot_kinds
 
 needs_data = pytest.mark.needs_fashion_mnist
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce.py"

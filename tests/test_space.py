@@ -4,8 +4,8 @@ import optuna
 import pytest
 
 from normsearch.config import ConfigError, parse_config
-from normsearch.space import SearchSpace, match_labels
-from normsearch.spec import ModelSpec, NormSpec
+from normsearch.space.search_space import SearchSpace, match_labels
+from normsearch.space.spec import ModelSpec, NormSpec
 
 SLOTS = {"bn1": 16, "layer1.0.bn1": 16, "layer1.0.bn2": 16, "layer2.0.bn1": 32, "layer3.0.bn1": 64}
 

@@ -17,10 +17,10 @@ from setuptools import find_packages
 from normsearch.cli import main
 from normsearch.config import ConfigError
 from normsearch.models import create_model
-from normsearch.space import Range, SearchSpace
-from normsearch.spaces import bundled_dir, bundled_files, list_spaces, resolve_config
-from normsearch.preflight import load_config
-from normsearch.surgery import find_norm_slots
+from normsearch.space.search_space import Range, SearchSpace
+from normsearch.space.bundled import bundled_dir, bundled_files, list_spaces, resolve_config
+from normsearch.prepare.checks import load_config
+from normsearch.space.surgery import find_norm_slots
 
 REPO = Path(__file__).resolve().parents[1]
 

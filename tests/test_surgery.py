@@ -11,8 +11,8 @@ from torch import nn
 
 from normsearch.models import create_model
 from normsearch.norms import GroupNorm2d, LayerNorm2d, NoNorm, get_norm_entry, list_norms
-from normsearch.spec import ModelSpec, NormSpec
-from normsearch.surgery import (
+from normsearch.space.spec import ModelSpec, NormSpec
+from normsearch.space.surgery import (
     apply_model_spec,
     count_parameters,
     find_norm_slots,

@@ -1,4 +1,4 @@
-"""Tests for normsearch.train: learning, reporting, stopping, divergence, schedules, seeds, the
+"""Tests for normsearch.train.trainer: learning, reporting, stopping, divergence, schedules, seeds, the
 standardization-loss path and the steps_per_epoch cap, all on tiny synthetic data (CPU)."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import normsearch.train as train_mod
+import normsearch.train.trainer as train_mod
 from normsearch.config import TrainConfig
 from normsearch.norms import standardization as std_mod
-from normsearch.train import EpochReport, Trainer, TrialDiverged, resolve_device
+from normsearch.train.trainer import EpochReport, Trainer, TrialDiverged, resolve_device
 
 TIMING_FIELDS = {"step_time_s", "images_per_s", "elapsed_s"}
 
@@ -353,7 +353,7 @@ def test_device_and_memory_format_resolution():
 
 def test_train_module_imports_neither_optuna_nor_ray():
     code = (
-        "import sys, normsearch.train; "
+        "import sys, normsearch.train.trainer; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'optuna', 'ray'}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,5 +1,5 @@
 """Tests for the Trainer's speed settings: ``TrainConfig.compile`` (the ``torch.compile`` wrapper and
-its eager fallback) and :func:`normsearch.train.keep_freed_memory` (glibc malloc settings on CPU).
+its eager fallback) and :func:`normsearch.train.trainer.keep_freed_memory` (glibc malloc settings on CPU).
 
 Real inductor compilation takes tens of seconds on CPU, so the default tests trace with dynamo's
 ``eager`` backend (graph capture without code generation): that runs the compile-time code paths
@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import normsearch.train as train_mod
+import normsearch.train.trainer as train_mod
 from normsearch.config import TrainConfig
 from normsearch.norms import MixtureNorm2d, ModeGroupNorm2d, ModeNorm2d
-from normsearch.train import CompiledForward, Trainer
+from normsearch.train.trainer import CompiledForward, Trainer
 
 
 def _cfg(**overrides) -> TrainConfig:
@@ -175,7 +175,7 @@ def test_inductor_compiled_modenorm_matches_eager():
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="mallopt settings are glibc-only")
 def test_cpu_trainer_keeps_freed_memory_on_glibc():
-    from normsearch import _runtime
+    from normsearch.train import runtime as _runtime
 
     Trainer(_ModeNet(), _cfg())
     assert _runtime._freed_memory_kept is True

@@ -9,7 +9,7 @@ configuration's (points; 0 is perfect); a **hit** is a returned configuration in
 with the best. Strategies:
 
 * ``random``: ``optuna.samplers.RandomSampler``;
-* ``tpe``: the configured TPE sampler (``normsearch.study.make_sampler``);
+* ``tpe``: the configured TPE sampler (``normsearch.search.study.make_sampler``);
 * ``tpe+pruner``: TPE with Optuna's pruner matching the configured early stopping: Ray's ASHA as
   ``SuccessiveHalvingPruner`` (ASHA is the asynchronous form of successive halving; Li et al. 2020)
   with its grace period and reduction factor, or the configured median/Hyperband pruner.
@@ -29,9 +29,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import optuna
 
-from ..config import StudyConfig
-from ..space import SearchSpace
-from .table import AuditTable, spec_key
+from normsearch.config import StudyConfig
+from normsearch.space.search_space import SearchSpace
+from normsearch.audit.table import AuditTable, spec_key
 
 STRATEGIES = ("random", "tpe", "tpe+pruner")
 
@@ -40,7 +40,7 @@ def strategy_parts(cfg: StudyConfig, strategy: str, seed: int,
                    budget: int) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner]:
     """The sampler and pruner a strategy replays with (seeded by ``seed``), configured as a study of
     ``budget`` trials would be (TPE's random start-up trials scale with ``search.n_trials``)."""
-    from ..study import make_pruner, make_sampler
+    from normsearch.search.study import make_pruner, make_sampler
 
     kind = "random" if strategy == "random" else "tpe"
     search = cfg.search.model_copy(update={"sampler": kind, "sampler_seed": seed, "n_trials": budget})
@@ -114,7 +114,7 @@ def replay(table: AuditTable, space: SearchSpace, cfg: StudyConfig, budgets: Seq
            strategies: Sequence[str] = STRATEGIES) -> list[dict[str, Any]]:
     """Every strategy at every budget, ``repetitions`` times (seeds 0..R-1, the same for every
     strategy): mean simple regret with its 95 % t-interval (points), hit rate, mean trial-epochs."""
-    from .. import stats
+    from normsearch import stats
 
     truth = Truth.of(table)
     out = []

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .. import stats
-from ..config import ConfigError, StudyConfig
-from ..space import SearchSpace
-from ..confirm.result import json_safe
-from ..study import STAGE_AUDIT, load_study
-from .replay import STRATEGIES, replay
-from .table import AuditTable, collect_table, row_label
+from normsearch import stats
+from normsearch.config import ConfigError, StudyConfig
+from normsearch.space.search_space import SearchSpace
+from normsearch.confirm.result import json_safe
+from normsearch.search.study import STAGE_AUDIT, load_study
+from normsearch.audit.replay import STRATEGIES, replay
+from normsearch.audit.table import AuditTable, collect_table, row_label
 
 MAX_CONFIGS = 64  # default cap on the configurations an audit trains (--max-configs overrides)
 AUDIT_JSON = "audit.json"
@@ -20,7 +20,7 @@ AUDIT_JSON = "audit.json"
 
 def audit_seeds(cfg: StudyConfig) -> list[int]:
     """The audit's paired seeds: ``final.seeds`` of them, never used by any other stage."""
-    from ..confirm import stage_seeds
+    from normsearch.confirm import stage_seeds
 
     return stage_seeds(cfg, STAGE_AUDIT)
 
@@ -49,43 +49,39 @@ def default_budgets(n_configs: int, n_trials: int) -> list[int]:
     return sorted(budgets)
 
 
-def run_audit(cfg: StudyConfig, space: SearchSpace, *, max_configs: int = MAX_CONFIGS, repetitions: int = 50,
+def run_audit(target: Any, *, max_configs: int = MAX_CONFIGS, repetitions: int = 50,
               budgets: Optional[Sequence[int]] = None, progress: bool = True) -> dict[str, Any]:
     """Train every configuration of ``space`` on ``final.seeds`` paired seeds for ``final.epochs``
     (``stage: audit``, through ``search.backend``, resumable), test each, then replay random search,
-    TPE and TPE with the configured pruner against the table. Writes ``RUN_DIR/audit.json`` and the
-    figures; returns the same dict.
+    TPE and TPE with the configured pruner against the table. Writes ``RUN_DIR/audit.json`` and
+    returns the same dict (figures: :func:`normsearch.report.audit.plot_audit`).
+
+    Args:
+        target: a :class:`normsearch.prepare.Prepared` run, or a configuration (then prepared here).
 
     Raises:
         ConfigError: the space is not finite or has more than ``max_configs`` configurations.
     """
-    from ..confirm import Candidate, enqueue_confirmation, evaluate_tests, stage_trials
-    from ..runner import open_run
-    from ..search.progress import SearchProgress
-    from ..search.recorder import TrialRecorder
-    from ..search.registry import get_backend
-    from ..trial import evaluate_weights
+    from normsearch.prepare import ensure_prepared
+
+    prepared = ensure_prepared(target)
+    cfg, space = prepared.cfg, prepared.space
+    from normsearch.confirm import Candidate, evaluate_tests, stage_trials, train_stage
+    from normsearch.runner import open_run
+    from normsearch.search.recorder import TrialRecorder
+    from normsearch.train.trial import evaluate_weights
 
     configs = configurations(space, max_configs)
     seeds = audit_seeds(cfg)
     epochs = cfg.final.epochs or cfg.train.epochs
-    stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "eval_test": "every"})})
-    study, _ = open_run(cfg)
-    backend = get_backend(cfg.search.backend)
-    with SearchProgress(len(configs) * len(seeds), epochs, enabled=progress) as prog:
-        if progress:
-            prog.console.print(f"[bold]audit:[/] {len(configs)} configurations x {len(seeds)} seeds x {epochs} epochs "
-                               "(stage: audit)", highlight=False)
-        recorder = TrialRecorder(stage_cfg, backend.name, prog)
-        try:
-            # keyed by spec and seed like every confirmation run: a re-run enqueues only what is missing
-            candidates = [Candidate(row_label(spec), params, spec) for params, spec in configs]
-            enqueue_confirmation(recorder.study, cfg, candidates, STAGE_AUDIT, enqueue=recorder.enqueue)
-            backend.run_enqueued(stage_cfg, space, prog, recorder)
-        finally:
-            recorder.close()
+    open_run(prepared)
+    # keyed by spec and seed like every confirmation run: a re-run enqueues only what is missing
+    candidates = [Candidate(row_label(spec), params, spec) for params, spec in configs]
+    train_stage(cfg, space, prepared.backend, candidates, STAGE_AUDIT, len(seeds), progress, eval_test="every",
+                what="audit")
     study = load_study(cfg)
-    tests = evaluate_tests(study, cfg, lambda path: evaluate_weights(cfg, path, "test")[0], stages=(STAGE_AUDIT,))
+    tests = evaluate_tests(TrialRecorder(cfg, "", study=study), cfg, lambda path: evaluate_weights(cfg, path, "test")[0],
+                           stages=(STAGE_AUDIT,))
     # (each audit run tested itself after every epoch in its worker; the driver only reads the numbers)
     table = collect_table(stage_trials(study, STAGE_AUDIT), tests, configs, seeds, epochs)
     incomplete = [r.label for r in table.rows if not r.complete()]
@@ -96,9 +92,6 @@ def run_audit(cfg: StudyConfig, space: SearchSpace, *, max_configs: int = MAX_CO
                              repetitions)
     run_dir = cfg.resolved_run_dir()
     (run_dir / AUDIT_JSON).write_text(json.dumps(json_safe(result), indent=2))
-    from .figures import plot_audit
-
-    plot_audit(result, run_dir / "audit")
     return result
 
 

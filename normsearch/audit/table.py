@@ -15,15 +15,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from .. import stats
-from ..spec import ModelSpec
-from ..study import ATTR_SEED, ATTR_SPEC, ATTR_TEST_CURVE, ATTR_VAL_CURVE
+from normsearch import stats
+from normsearch.space.spec import ModelSpec
+from normsearch.search.study import ATTR_SEED, ATTR_SPEC, ATTR_TEST_CURVE, ATTR_VAL_CURVE
 
 
 
 def audit_key(spec: ModelSpec | dict[str, Any], seed: int) -> str:
     """The identity of one audit run (:func:`normsearch.confirm.run_key`)."""
-    from ..confirm.runs import run_key
+    from normsearch.confirm.runs import run_key
 
     return run_key(spec, seed)
 

@@ -1,24 +1,23 @@
 """Run configuration: pydantic models for every section of a search-space YAML file.
 
-``load_config(path)`` reads a YAML file and returns a validated :class:`StudyConfig`; any problem
+``read_config(path)`` reads a YAML file and returns a validated :class:`StudyConfig`; any problem
 raises :class:`ConfigError` whose message is one line naming the YAML key path.
 """
 
 
-from .run import (
+from normsearch.config.run import (
     ConfigError,
     EnasConfig,
     FinalConfig,
     RayConfig,
-    RunConfig,
     StudyConfig,
     SearchConfig,
     dump_config,
     format_validation_error,
-    load_config,
+    read_config,
     parse_config,
 )
-from .sections import (
+from normsearch.config.sections import (
     AugmentConfig,
     ChoiceConfig,
     CorruptionConfig,
@@ -36,6 +35,6 @@ from .sections import (
 __all__ = [
     "AugmentConfig", "ChoiceConfig", "ConfigError", "CorruptionConfig", "DataConfig", "EnasConfig", "FinalConfig", "LayerRuleConfig",
     "ModelConfig", "OptimizerConfig", "RangeConfig", "RayConfig", "StudyConfig", "ScheduleConfig", "SearchConfig",
-    "SpaceConfig", "StdLossConfig", "TrainConfig", "dump_config", "format_validation_error", "load_config",
-    "parse_config",
+    "SpaceConfig", "StdLossConfig", "TrainConfig", "dump_config", "format_validation_error", "parse_config",
+    "read_config",
 ]

@@ -8,8 +8,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from ._base import _Strict
-from .sections import DataConfig, ModelConfig, SpaceConfig, TrainConfig
+from normsearch.config._base import _Strict
+from normsearch.config.sections import DataConfig, ModelConfig, SpaceConfig, TrainConfig
 
 # --------------------------------------------------------------------------------------------
 # search, storage and the run
@@ -44,7 +44,7 @@ class EnasConfig(_Strict):
     per batch), then the controller for ``controller_steps_per_epoch`` updates. After the last
     epoch (or the last that fits in ``search.timeout_s`` seconds at the epochs' mean duration) the
     controller's children are scored and the best ``top_k_retrain`` are trained from scratch as
-    ordinary trials of the study. See ``normsearch.search.enas``.
+    ordinary trials of the study. See ``normsearch.search.enas.loop``.
 
     Attributes:
         epochs: supernet epochs (``None`` = ``train.epochs``).
@@ -59,7 +59,7 @@ class EnasConfig(_Strict):
             validation set (the greedy child is always added).
         top_k_retrain: best-scored children retrained from scratch (``None`` = ``search.n_trials``).
         hidden_size, tanh_constant, temperature, entropy_weight, baseline_decay: controller and
-            REINFORCE settings (``normsearch.search.controller.ControllerConfig``).
+            REINFORCE settings (``normsearch.search.enas.controller.ControllerConfig``).
         lr: controller Adam learning rate; default 1e-3 as in the ENAS authors' macro-search
             script (fewer controller updates per epoch here than the paper's 3.5e-4 assumes).
     """
@@ -83,8 +83,10 @@ class SearchConfig(_Strict):
     """How the space is searched.
 
     Attributes:
-        backend: a registered backend (:func:`normsearch.search.registry.list_backends`):
-            ``optuna`` (in-process study), ``ray`` (Ray Tune) or ``enas``.
+        backend: a registered backend (:func:`normsearch.search.list_backends`):
+            ``optuna`` (in-process study), ``ray`` (Ray Tune) or ``enas``; the name is checked
+            against the registry by :func:`normsearch.prepare.load_config`, since this package
+            imports nothing else of normsearch.
         n_trials: trials in the study (finished ones count, so a resumed run tops up).
         timeout_s: stop starting new trials after this many seconds (``None`` = no limit); for
             ``enas``: no supernet epoch starts that would end after it (at their mean duration).
@@ -117,15 +119,6 @@ class SearchConfig(_Strict):
     references: list[str] = ["batchnorm"]
     ray: RayConfig = RayConfig()
     enas: EnasConfig = EnasConfig()
-
-    @field_validator("backend")
-    @classmethod
-    def _registered_backend(cls, v: str) -> str:
-        from ..search.registry import list_backends  # a leaf module: imports no backend
-
-        if v not in list_backends():
-            raise ValueError(f"unknown backend {v!r}; valid: {', '.join(list_backends())}")
-        return v
 
     @field_validator("objectives")
     @classmethod
@@ -174,8 +167,7 @@ class StudyConfig(_Strict):
     """Everything ``normsearch run`` needs for one study; one YAML file.
 
     (Named ``StudyConfig``, not ``RunConfig``, so it cannot be mistaken for Ray Tune's
-    ``tune.RunConfig``, which the Ray backend uses beside it. ``normsearch.config.RunConfig`` stays
-    importable as a deprecated alias.)
+    ``tune.RunConfig``, which the Ray backend uses beside it.)
 
     Attributes:
         name: run and study name (default: the file's stem).
@@ -204,7 +196,6 @@ class StudyConfig(_Strict):
 
 
 #: Deprecated alias of :class:`StudyConfig` (the name it had before 0.2; kept for old imports).
-RunConfig = StudyConfig
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +248,7 @@ def parse_config(raw: Any, source: str = "<config>", default_name: str = "normse
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-def load_config(path: Union[str, Path]) -> StudyConfig:
+def read_config(path: Union[str, Path]) -> StudyConfig:
     """Read and validate a run configuration YAML file (UTF-8) against the schema.
 
     Registry names (``data.dataset``, ``model.name``, ``search.references``) are plain strings

@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ._base import _Strict
+from normsearch.config._base import _Strict
 
 # --------------------------------------------------------------------------------------------
 # data
@@ -140,9 +140,9 @@ class TrainConfig(_Strict):
         compile: wrap the model in ``torch.compile`` (default mode, ``dynamic=False``) for
             training and evaluation; a compilation error falls back to eager with one warning.
             ``auto`` = compile a fit of at least 2000 planned steps (epochs x steps per epoch) on
-            CPU, 5000 on CUDA (``normsearch.train.COMPILE_MIN_STEPS``), else eager, and never a
+            CPU, 5000 on CUDA (``normsearch.train.trainer.COMPILE_MIN_STEPS``), else eager, and never a
             model with a MixtureNorm layer (its graph breaks make the compiled step ~1.35x slower
-            than eager; ``normsearch.train.compiles_well``). On CPU a
+            than eager; ``normsearch.train.trainer.compiles_well``). On CPU a
             short trial loses (``scripts/bench_compile.py``, 3 runs; ResNet-20, batch 128, 1
             thread, channels_last, loaded 2-core machine): all-BatchNorm compiles in 38-66 s
             (train + eval graphs) and then saves 16-22% per step (~400 -> ~320 ms), break-even

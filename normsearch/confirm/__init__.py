@@ -16,17 +16,15 @@ testing, collecting), :mod:`.result` (the typed result and its JSON), :mod:`.sta
 the runner makes).
 """
 
-from .candidates import (
+from normsearch.confirm.candidates import (
     Candidate,
-    Enqueue,
     enqueue_references,
     reference_params,
     search_score,
     select_candidates,
-    study_enqueue,
 )
-from .result import ALPHA, ConfirmationResult, summarize
-from .runs import (
+from normsearch.confirm.result import ALPHA, ConfirmationResult, summarize
+from normsearch.confirm.runs import (
     ATTR_CONFIRM_KEY,
     ATTR_CONFIRM_OF,
     AUDIT_SEED_OFFSET,
@@ -43,11 +41,11 @@ from .runs import (
     stage_trials,
     tested,
 )
-from .stage import run_confirmation
+from normsearch.confirm.stage import run_confirmation, train_stage
 
 __all__ = [
     "ALPHA", "ATTR_CONFIRM_KEY", "ATTR_CONFIRM_OF", "AUDIT_SEED_OFFSET", "CONFIRM_SEED_OFFSET", "HOLDOUT_SEED_OFFSET", "SEED_OFFSET",
-    "Candidate", "ConfirmationResult", "Confirmed", "Enqueue", "collect", "confirm_seeds", "enqueue_confirmation",
-    "enqueue_references", "evaluate_tests", "reference_params", "run_confirmation", "run_key", "search_score",
-    "select_candidates", "stage_seeds", "stage_trials", "study_enqueue", "summarize", "tested",
+    "Candidate", "ConfirmationResult", "Confirmed", "collect", "confirm_seeds", "enqueue_confirmation",
+    "enqueue_references", "evaluate_tests", "reference_params", "run_confirmation", "train_stage", "run_key", "search_score",
+    "select_candidates", "stage_seeds", "stage_trials", "summarize", "tested",
 ]

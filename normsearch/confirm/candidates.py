@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ..config import ConfigError, StudyConfig
-from ..space import SearchSpace
-from ..spec import ModelSpec
-from ..study import (
+from normsearch.config import ConfigError, StudyConfig
+from normsearch.space.search_space import SearchSpace
+from normsearch.space.spec import ModelSpec
+from normsearch.search.recorder import TrialRecorder
+from normsearch.search.study import (
     ATTR_EPOCH,
     ATTR_REFERENCE,
     ATTR_SPEC,
@@ -22,15 +23,6 @@ from ..study import (
     search_trials,
     val_acc_of,
 )
-
-Enqueue = Callable[[Mapping[str, Any], Mapping[str, Any]], None]
-"""``enqueue(params, user_attrs)``: how a trial is enqueued (``TrialRecorder.enqueue`` in a run)."""
-
-
-def study_enqueue(study: optuna.Study) -> Enqueue:
-    """An :data:`Enqueue` writing straight to ``study`` (for studies without a recorder, e.g. in memory)."""
-    return lambda params, attrs: study.enqueue_trial(dict(params), user_attrs=dict(attrs), skip_if_exists=False)
-
 
 @dataclass
 class Candidate:
@@ -72,7 +64,7 @@ def reference_params(cfg: StudyConfig, space: SearchSpace,
         ConfigError: an unknown normalizer name, a duplicate, or a reference given explicitly that
             some selected slot does not offer (``search.references[i]: ...``, naming the slot).
     """
-    from ..norms import list_norms
+    from normsearch.norms import list_norms
 
     explicit = "references" in cfg.search.model_fields_set
     out: dict[str, dict[str, Any]] = {}
@@ -93,20 +85,17 @@ def reference_params(cfg: StudyConfig, space: SearchSpace,
     return out
 
 
-def enqueue_references(study: optuna.Study, references: Mapping[str, Mapping[str, Any]],
-                       enqueue: Optional[Enqueue] = None) -> list[str]:
-    """Enqueue each reference arm not yet in the study as a search-stage trial (run first), through
-    ``enqueue`` (default: straight into ``study``).
+def enqueue_references(recorder: TrialRecorder, references: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Enqueue each reference arm not yet in the recorder's study as a search-stage trial (run first).
 
     Returns:
         The names enqueued now (a resumed study already holds the others).
     """
-    enqueue = enqueue or study_enqueue(study)
-    present = {t.user_attrs.get(ATTR_REFERENCE) for t in search_trials(study)}
+    present = {t.user_attrs.get(ATTR_REFERENCE) for t in search_trials(recorder.study)}
     added = []
     for name, params in references.items():
         if name not in present:
-            enqueue(params, {ATTR_REFERENCE: name, ATTR_STAGE: STAGE_SEARCH})
+            recorder.enqueue(params, {ATTR_REFERENCE: name, ATTR_STAGE: STAGE_SEARCH})
             added.append(name)
     return added
 

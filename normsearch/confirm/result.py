@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from .. import stats
-from .runs import Confirmed
+from normsearch import stats
+from normsearch.confirm.runs import Confirmed
 
 ALPHA = 0.05  # family-wise error rate of the decision (95 % intervals)
 

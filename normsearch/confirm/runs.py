@@ -17,9 +17,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ..config import StudyConfig
-from ..spec import ModelSpec
-from ..study import (
+from normsearch.config import StudyConfig
+from normsearch.space.spec import ModelSpec
+from normsearch.search.study import (
     ATTR_FAIL_REASON,
     ATTR_TEST_ACC,
     ATTR_REFERENCE,
@@ -36,7 +36,8 @@ from ..study import (
     STUDY_TEST_ACC,
     val_acc_of,
 )
-from .candidates import Candidate, Enqueue, study_enqueue
+from normsearch.confirm.candidates import Candidate
+from normsearch.search.recorder import TrialRecorder
 
 ATTR_CONFIRM_KEY = "confirm_key"  # spec + seed of an enqueued confirmation trial (resume never runs one twice)
 ATTR_CONFIRM_OF = "confirm_of"  # the search trial whose configuration is confirmed (absent for a reference)
@@ -107,16 +108,16 @@ def _trial_key(t: FrozenTrial, by_number: Mapping[int, FrozenTrial]) -> Optional
     return _trial_key(origin, by_number) if origin is not None and origin is not t else None
 
 
-def enqueue_confirmation(study: optuna.Study, cfg: StudyConfig, candidates: Sequence[Candidate],
-                         stage: str = STAGE_CONFIRM, enqueue: Optional[Enqueue] = None) -> int:
+def enqueue_confirmation(recorder: TrialRecorder, cfg: StudyConfig, candidates: Sequence[Candidate],
+                         stage: str = STAGE_CONFIRM) -> int:
     """Enqueue one ``stage`` trial (``confirm``, ``holdout`` or ``audit``) per candidate and seed that the study does not hold yet (in any
     state: a run that failed on its own is reported, not retried; one cut off by a kill is retried by
-    ``TrialRecorder.recover_interrupted``), through ``enqueue`` (default: straight into ``study``).
+    ``TrialRecorder.recover_interrupted``), through ``recorder``.
 
     Returns:
         How many were enqueued.
     """
-    enqueue = enqueue or study_enqueue(study)
+    study = recorder.study
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     have = {_trial_key(t, by_number) for t in stage_trials(study, stage)}
     added = 0
@@ -130,7 +131,7 @@ def enqueue_confirmation(study: optuna.Study, cfg: StudyConfig, candidates: Sequ
                 attrs[ATTR_REFERENCE] = cand.reference
             if cand.source_trial is not None and not cand.reference:
                 attrs[ATTR_CONFIRM_OF] = cand.source_trial
-            enqueue(cand.params, attrs)
+            recorder.enqueue(cand.params, attrs)
             have.add(key)
             added += 1
     return added
@@ -142,7 +143,7 @@ def tested(study: optuna.Study, key: str = STUDY_TEST_ACC) -> dict[int, float]:
     return {int(k): float(v) for k, v in study.user_attrs.get(key, {}).items()}
 
 
-def evaluate_tests(study: optuna.Study, cfg: StudyConfig, evaluate: Callable[[Path], float],
+def evaluate_tests(recorder: TrialRecorder, cfg: StudyConfig, evaluate: Callable[[Path], float],
                    on_done: Callable[[int, float], None] | None = None, key: str = STUDY_TEST_ACC,
                    stages: Sequence[str] = STAGES, attr: str = ATTR_TEST_ACC) -> dict[int, float]:
     """Test accuracy of every COMPLETE trial of ``stages`` (confirmation and hold-out).
@@ -151,8 +152,9 @@ def evaluate_tests(study: optuna.Study, cfg: StudyConfig, evaluate: Callable[[Pa
     its user attr ``attr``, which is taken as it is; only the others are evaluated here from their
     saved weights, by ``evaluate(weights_path) -> accuracy`` (``trial.evaluate_weights``). Results
     are kept in the study user attr ``key`` (``confirm_test_acc``) so a resumed run evaluates each
-    trial once.
+    trial once (written through ``recorder``).
     """
+    study = recorder.study
     done = tested(study, key)
     before = dict(done)
     for t in [t for stage in stages for t in stage_trials(study, stage)]:
@@ -163,13 +165,13 @@ def evaluate_tests(study: optuna.Study, cfg: StudyConfig, evaluate: Callable[[Pa
             done[t.number] = float(t.user_attrs[attr])
         elif path.is_file():
             done[t.number] = float(evaluate(path))
-            study.set_user_attr(key, {str(k): v for k, v in sorted(done.items())})
+            recorder.set_study_attrs({key: {str(k): v for k, v in sorted(done.items())}})
         else:
             continue
         if on_done is not None:
             on_done(t.number, done[t.number])
     if done != before:
-        study.set_user_attr(key, {str(k): v for k, v in sorted(done.items())})
+        recorder.set_study_attrs({key: {str(k): v for k, v in sorted(done.items())}})
     return done
 
 

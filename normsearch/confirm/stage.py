@@ -3,31 +3,35 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from ..config import StudyConfig
-from ..search.progress import SearchProgress
-from ..search.recorder import TrialRecorder
-from ..space import SearchSpace
-from ..study import STAGE_CONFIRM, STAGE_HOLDOUT, load_study
-from .candidates import Candidate, select_candidates
-from .result import ConfirmationResult, summarize
-from .runs import collect, enqueue_confirmation, evaluate_tests
+from normsearch.config import StudyConfig
+from normsearch.search.progress import SearchProgress
+from normsearch.search.recorder import TrialRecorder
+from normsearch.space.search_space import SearchSpace
+from normsearch.search.study import STAGE_CONFIRM, STAGE_HOLDOUT, load_study
+from normsearch.confirm.candidates import Candidate, select_candidates
+from normsearch.confirm.result import ConfirmationResult, summarize
+from normsearch.confirm.runs import collect, enqueue_confirmation, evaluate_tests
 
 
-def _train(cfg: StudyConfig, space: SearchSpace, backend: Any, candidates: list[Candidate], stage: str,
-           seeds: int, progress: bool) -> None:
-    """Enqueue ``candidates`` x ``seeds`` runs of ``stage`` through the recorder and train them."""
+def train_stage(cfg: StudyConfig, space: SearchSpace, backend: Any, candidates: Sequence[Candidate], stage: str,
+                seeds: int, progress: bool, *, eval_test: str = "last", what: str = "") -> None:
+    """Enqueue ``candidates`` x ``seeds`` runs of ``stage`` (``confirm``, ``holdout``, ``audit``)
+    through a recorder and train them with ``backend`` for ``final.epochs`` (default
+    ``train.epochs``), each testing its own weights in its worker as ``eval_test`` says (``last``,
+    ``every`` or ``never``, like ``train.eval_test``). Runs already in
+    the study (keyed by spec and seed) are not enqueued again, so a re-run resumes.
+    """
     epochs = cfg.final.epochs or cfg.train.epochs
-    # each run tests its own weights after its last epoch, in its worker (in parallel on Ray)
-    train = {"epochs": epochs, "eval_test": "last" if cfg.final.evaluate_test else "never"}
+    train = {"epochs": epochs, "eval_test": eval_test}
     stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
     with SearchProgress(len(candidates) * seeds, epochs, enabled=progress) as prog:
         recorder = TrialRecorder(stage_cfg, backend.name, prog)
         try:
-            enqueue_confirmation(recorder.study, cfg, candidates, stage, enqueue=recorder.enqueue)
+            enqueue_confirmation(recorder, cfg, candidates, stage)
             if progress:
-                what = "confirmation stage" if stage == STAGE_CONFIRM else "hold-out stage"
+                what = what or ("confirmation stage" if stage == STAGE_CONFIRM else f"{stage} stage")
                 prog.console.print(f"[bold]{what}:[/] {len(candidates)} configurations x {seeds} seeds x {epochs} "
                                    f"epochs, each from scratch (stage: {stage})", highlight=False)
             backend.run_enqueued(stage_cfg, space, prog, recorder)
@@ -53,8 +57,9 @@ def run_confirmation(cfg: StudyConfig, space: SearchSpace, references: Mapping[s
     times: dict[str, float] = {}
     study = load_study(cfg)
     candidates = select_candidates(study, space, references, cfg.final.top_k)
+    eval_test = "last" if cfg.final.evaluate_test else "never"  # each run tests itself in its worker
     t0 = time.monotonic()
-    _train(cfg, space, backend, candidates, STAGE_CONFIRM, cfg.final.seeds, progress)
+    train_stage(cfg, space, backend, candidates, STAGE_CONFIRM, cfg.final.seeds, progress, eval_test=eval_test)
     times["confirm"] = time.monotonic() - t0
     evaluate = _tester(cfg)
     if evaluate is not None:
@@ -66,7 +71,8 @@ def run_confirmation(cfg: StudyConfig, space: SearchSpace, references: Mapping[s
     ref = next((c for c in candidates if c.reference), None)
     if cfg.final.holdout_seeds and chosen is not None and ref is not None:
         t0 = time.monotonic()
-        _train(cfg, space, backend, [chosen, ref], STAGE_HOLDOUT, cfg.final.holdout_seeds, progress)
+        train_stage(cfg, space, backend, [chosen, ref], STAGE_HOLDOUT, cfg.final.holdout_seeds, progress,
+                    eval_test=eval_test, what="hold-out stage")
         if evaluate is not None:
             evaluate(study)
         times["holdout"] = time.monotonic() - t0
@@ -81,13 +87,14 @@ def _tester(cfg: StudyConfig) -> Any:
     is off."""
     if not cfg.final.evaluate_test:
         return None
-    from ..study import ATTR_CLEAN_TEST_ACC, STUDY_CLEAN_TEST_ACC
-    from ..trial import evaluate_weights
+    from normsearch.search.study import ATTR_CLEAN_TEST_ACC, STUDY_CLEAN_TEST_ACC
+    from normsearch.train.trial import evaluate_weights
 
     def evaluate(study: Any) -> None:
-        evaluate_tests(study, cfg, lambda path: evaluate_weights(cfg, path, "test")[0])
+        recorder = TrialRecorder(cfg, "", study=study)
+        evaluate_tests(recorder, cfg, lambda path: evaluate_weights(cfg, path, "test")[0])
         if cfg.data.eval_corruptions:
-            evaluate_tests(study, cfg, lambda path: evaluate_weights(cfg, path, "clean_test")[0],
+            evaluate_tests(recorder, cfg, lambda path: evaluate_weights(cfg, path, "clean_test")[0],
                            key=STUDY_CLEAN_TEST_ACC, attr=ATTR_CLEAN_TEST_ACC)
 
     return evaluate

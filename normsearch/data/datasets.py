@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from normsearch._tv_compat import torchvision
+from normsearch.data._tv_compat import torchvision
 
 tv_datasets = torchvision.datasets
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._registry import NormLayer
+from normsearch.models._registry import NormLayer
 
 
 def kaiming_conv(

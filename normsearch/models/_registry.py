@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..norms import create_norm_layer, get_norm_entry
+from normsearch.norms import create_norm_layer, get_norm_entry
 
 NormLayer = Callable[[int], nn.Module]
 ModelBuilder = Callable[..., nn.Module]

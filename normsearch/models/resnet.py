@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._layers import kaiming_conv
-from ._registry import NormLayer, register_model
+from normsearch.models._layers import kaiming_conv
+from normsearch.models._registry import NormLayer, register_model
 
 _WIDTHS = (16, 32, 64)
 
@@ -119,7 +119,7 @@ class CifarResNet(nn.Module):
             projection + norm) for the two subsampling blocks.
         zero_init_residual: set the scale (``weight``) of each block's ``bn2`` to zero, so every
             block starts as the identity (Goyal et al. 2017). Slots without a ``weight``
-            parameter are left as built; a later :func:`normsearch.surgery.apply_model_spec`
+            parameter are left as built; a later :func:`normsearch.space.surgery.apply_model_spec`
             replaces the slot and with it this init.
 
     Shape:

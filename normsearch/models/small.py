@@ -11,8 +11,8 @@ from collections import OrderedDict
 
 from torch import nn
 
-from ._layers import ConvNormAct
-from ._registry import NormLayer, register_model
+from normsearch.models._layers import ConvNormAct
+from normsearch.models._registry import NormLayer, register_model
 
 
 class LeNet(nn.Sequential):

@@ -22,8 +22,8 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from ._layers import ConvNormAct
-from ._registry import NormLayer, register_model
+from normsearch.models._layers import ConvNormAct
+from normsearch.models._registry import NormLayer, register_model
 
 VGG13_WIDTHS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))
 

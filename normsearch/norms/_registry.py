@@ -22,7 +22,7 @@ from torch import nn
 
 NormFactory = Callable[..., nn.Module]
 
-#: How :func:`normsearch.search.supernet.recalibrate` re-estimates a layer's running statistics:
+#: How :func:`normsearch.search.enas.supernet.recalibrate` re-estimates a layer's running statistics:
 #: ``"running_stats"``: ``reset_running_stats()`` then a cumulative average (``momentum=None``),
 #: for any layer that has that method (and ``track_running_stats`` not False);
 #: ``"batch_average"``: ``start_batch_average()``, training-mode forwards,
@@ -30,9 +30,9 @@ NormFactory = Callable[..., nn.Module]
 #: ``running_mean`` is not None (SwitchNorm's App. A protocol).
 Recalibration = Literal["running_stats", "batch_average"]
 RECALIBRATIONS = ("running_stats", "batch_average")
-#: Report figures that analyse a trained layer (:mod:`normsearch.report`): ``"switchnorm_weights"``
-#: (importance weights, ``normsearch.introspect.collect_importance``), ``"mode_gates"`` (gate
-#: usage, ``normsearch.introspect.mode_gates``).
+#: Report figures that analyse a trained layer (:mod:`normsearch.report.document`): ``"switchnorm_weights"``
+#: (importance weights, ``normsearch.report.introspect.collect_importance``), ``"mode_gates"`` (gate
+#: usage, ``normsearch.report.introspect.mode_gates``).
 REPORT_FIGURES = ("switchnorm_weights", "mode_gates")
 #: Fused CPU kernel families of :mod:`normsearch.norms._cpu_ext`: ``"per_sample"`` (channels_last
 #: per-(sample, channel) moments, ModeNorm/SwitchNorm) and ``"mixture"`` (MixtureNorm's

@@ -7,11 +7,11 @@ Example::
     write_csv(rows, "runs/reproduce/sl-cnn.csv")
 """
 
-from .common import (
+from normsearch.reproduce.common import (
     CSV_COLUMNS, FALLBACK_DATASET, Arm, ReproduceOptions, ResultRow, all_slots_spec, build_trainer, steps_to_reach,
     write_csv,
 )
-from .experiments import (
+from normsearch.reproduce.experiments import (
     EXPERIMENTS, Experiment, ShiftOnlyBatchNorm2d, mixn_cnn_arms, mn_resnet20_arms, run_experiment, scale_epochs,
     sl_cnn_arms, sl_cnn_data, sl_cnn_train_config,
 )

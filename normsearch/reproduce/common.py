@@ -1,7 +1,7 @@
 """Machinery shared by the paper reproductions: options, result rows, one training run, CSV output.
 
 An experiment trains *arms* (:class:`Arm`: a model and its normalizers) for several seeds with
-normsearch's :class:`~normsearch.train.Trainer` and returns :class:`ResultRow` s, our mean and
+normsearch's :class:`~normsearch.train.trainer.Trainer` and returns :class:`ResultRow` s, our mean and
 standard deviation over seeds beside the paper's figure.
 """
 
@@ -17,12 +17,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..config import AugmentConfig, DataConfig, TrainConfig
-from ..data import DataBundle, DataError, TensorLoader, load_data
-from ..models import create_model
-from ..spec import ModelSpec, NormSpec
-from ..surgery import find_norm_slots, model_from_spec
-from ..train import EpochReport, FitResult, Trainer, TrialDiverged, set_seed
+from normsearch.config import AugmentConfig, DataConfig, TrainConfig
+from normsearch.data import DataBundle, DataError, TensorLoader, load_data
+from normsearch.models import create_model
+from normsearch.space.spec import ModelSpec, NormSpec
+from normsearch.space.surgery import find_norm_slots, model_from_spec
+from normsearch.train.trainer import EpochReport, FitResult, Trainer, TrialDiverged, set_seed
 
 #: Dataset used when an experiment's preferred one is not on disk (and no dataset was requested).
 FALLBACK_DATASET = "fashion_mnist"
@@ -156,7 +156,7 @@ class Progress:
 class _RMSpropTrainer(Trainer):
     """:class:`Trainer` with RMSprop (Kalayeh & Shah, Sec. 4.2) instead of SGD; all else unchanged."""
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    def make_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optimizer
         return torch.optim.RMSprop(self.model.parameters(), lr=o.lr, alpha=RMSPROP_DECAY, momentum=o.momentum,
                                    weight_decay=o.weight_decay)

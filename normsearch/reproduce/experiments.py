@@ -34,11 +34,11 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..config import AugmentConfig, TrainConfig, load_config
-from ..data import DataBundle
-from ..spec import ModelSpec, NormSpec
-from ..train import TrialDiverged
-from .common import (
+from normsearch.config import AugmentConfig, TrainConfig, read_config as load_config
+from normsearch.data import DataBundle
+from normsearch.space.spec import ModelSpec, NormSpec
+from normsearch.train.trainer import TrialDiverged
+from normsearch.reproduce.common import (
     Arm, Progress, ReproduceOptions, ResultRow, all_slots_spec, batches_per_epoch, load_bundle,
     make_row, per_seed_rows, split_steps, steps_to_reach, train_run,
 )

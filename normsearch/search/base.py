@@ -1,36 +1,43 @@
-"""What a search backend is, and the in-process trial loop the optuna and enas backends share.
+"""What a search backend is: the interface every registered backend implements.
 
-A backend (registered in :mod:`normsearch.search.registry`) has two entry points, both recording
-every trial through a :class:`~normsearch.search.recorder.TrialRecorder`:
+A backend (registered in :mod:`normsearch.search.registry`) is one module with one subclass. It
+owns everything that differs between backends, so nothing outside it names a backend:
 
-- :meth:`Backend.search` runs the search stage until the study holds ``search.n_trials`` finished
-  (COMPLETE or PRUNED) search-stage trials; trials already enqueued (WAITING), such as reference
-  arms, run first.
-- :meth:`Backend.run_enqueued` runs every WAITING trial to its full ``train.epochs`` without pruning
-  or early stopping (the confirmation stage: the caller enqueues trials with ``stage: confirm`` and
-  a ``seed`` and passes a configuration whose ``train.epochs`` is the final budget).
-
-A trial trains with the ``seed`` user attr it was enqueued with, else ``cfg.seed + number``.
+- running trials: :meth:`Backend.search` (the search stage, until the study holds
+  ``search.n_trials`` finished search-stage trials; WAITING trials such as reference arms first) and
+  :meth:`Backend.run_enqueued` (every WAITING trial to its full ``train.epochs`` with no pruning:
+  the confirmation, hold-out and audit stages), both recording through a
+  :class:`~normsearch.search.recorder.TrialRecorder`;
+- its checks of the configuration (:meth:`Backend.resolve`, run once by
+  :func:`normsearch.prepare.prepare`);
+- how it spends time, for :mod:`normsearch.estimate`: trials at once (:meth:`Backend.concurrency`),
+  threads per trial, the epochs its pruner or scheduler leaves a trial
+  (:meth:`Backend.trial_epochs`), the search stage's cost (:meth:`Backend.search_seconds`) and its
+  fixed costs (:meth:`Backend.overhead_seconds`).
 """
 
 from __future__ import annotations
 
-import gc
-import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
-import optuna
-from optuna.trial import TrialState
+from normsearch.config import StudyConfig
+from normsearch.space.search_space import SearchSpace
+from normsearch.search.progress import SearchProgress
+from normsearch.search.recorder import TrialRecorder
 
-from ..config import StudyConfig
-from ..space import SearchSpace
-from ..study import FINISHED, search_trials
-from .progress import SearchProgress
-from .recorder import TrialRecorder, failure_reason
+__all__ = ["Backend", "Overhead"]
 
-__all__ = ["Backend", "InProcessBackend", "run_in_process", "run_one"]
+Span = tuple[float, float]  #: (low, high) seconds
+
+
+class Overhead(NamedTuple):
+    """Seconds a stage pays besides training and evaluation: once (``startup_s``: start a cluster)
+    and per trial (``per_trial_s``: start a worker, load the data, build and warm the model)."""
+
+    startup_s: float = 0.0
+    per_trial_s: float = 0.0
 
 
 class Backend(ABC):
@@ -72,6 +79,55 @@ class Backend(ABC):
             if own:
                 rec.close()
 
+    # -- checks, run once by normsearch.prepare.prepare -------------------------------------------
+
+    def resolve(self, cfg: StudyConfig, space: SearchSpace) -> Any:
+        """Check what this backend needs of ``cfg`` and ``space`` and return its own view of the
+        space (ENAS: its :class:`~normsearch.search.enas.space.EnasSpace`), or ``None``.
+
+        Raises:
+            normsearch.config.ConfigError: a setting this backend cannot run (one line, key path first).
+        """
+        return None
+
+    # -- how the backend spends time (normsearch.estimate) ------------------------------------------
+
+    def concurrency(self, cfg: StudyConfig, notes: list[str]) -> int:
+        """Trials that run at once on this machine (default 1); ``notes`` gets caveats in words."""
+        return 1
+
+    def trial_threads(self, cfg: StudyConfig) -> Optional[int]:
+        """CPU threads a trial trains with (``None`` = PyTorch's default); default ``train.threads``."""
+        return cfg.train.threads
+
+    def trial_epochs(self, cfg: StudyConfig) -> tuple[float, float, str]:
+        """(low, high) epochs a search trial trains on average, and why in words (default: every
+        trial runs ``train.epochs``)."""
+        e = float(cfg.train.epochs)
+        return e, e, "no early stopping"
+
+    def search_seconds(self, cfg: StudyConfig, epoch_s: Span, eval_s_per_image: Span, n_val: int,
+                       concurrent: int) -> tuple[Span, str]:
+        """(low, high) seconds of the search stage's training and evaluation, and the schedule in words.
+
+        Args:
+            epoch_s: seconds per trial-epoch (train + validation) of the cheapest and dearest configuration.
+            eval_s_per_image: seconds to evaluate one image with each of the two.
+            n_val: validation images.
+            concurrent: :meth:`concurrency`.
+
+        The default: ``search.n_trials`` trials of :meth:`trial_epochs` epochs, ``concurrent`` at a
+        time, never less than one trial's full budget.
+        """
+        lo_ep, hi_ep, schedule = self.trial_epochs(cfg)
+        trials, e = cfg.search.n_trials, cfg.train.epochs
+        span = tuple(max(n * trials / concurrent, e) * es for n, es in zip((lo_ep, hi_ep), epoch_s))
+        return (span[0], span[1]), schedule
+
+    def overhead_seconds(self, cfg: StudyConfig) -> Overhead:
+        """Fixed costs of one stage besides training (default: none measured for in-process trials)."""
+        return Overhead()
+
     @abstractmethod
     def run_search(self, cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
         """The search stage (see :meth:`search`); its progress printer is ``recorder.progress``."""
@@ -79,84 +135,3 @@ class Backend(ABC):
     @abstractmethod
     def run_waiting(self, cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
         """Run the WAITING trials (see :meth:`run_enqueued`)."""
-
-
-def run_one(cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder, trial: optuna.Trial, prune: bool) -> str:
-    """Train one asked trial in this process and record it from start to end.
-
-    The spec is sampled (or, for an enqueued trial, replayed) with ``space.suggest``; with
-    ``prune`` and a single objective, the study's pruner may stop it after any epoch but the last
-    (PRUNED, ``stopped_by: pruner:<name>``). An exception, a NaN loss (``TrialDiverged``) or a NaN
-    accuracy makes it FAIL with the reason.
-
-    Returns:
-        The state recorded: ``"COMPLETE"``, ``"PRUNED"`` or ``"FAIL"``.
-
-    Raises:
-        KeyboardInterrupt: after recording ``fail_reason: interrupted: Ctrl-C``.
-    """
-    from .. import trial as trial_module  # looked up per call: tests replace trial_module.run_trial
-    from ..surgery import count_parameters
-
-    number = trial.number
-    epochs = cfg.train.epochs
-
-    def report(r: Any) -> bool:
-        recorder.epoch(number, r)
-        return prune and r.epoch < epochs and recorder.should_prune(number)
-
-    try:
-        spec = space.suggest(trial)
-        start = recorder.start(trial, spec, epochs)
-        outcome = trial_module.run_trial(
-            cfg, spec, seed=start.seed, report=report, weights_path=start.weights_path,
-            on_model=lambda model: recorder.model_built(number, count_parameters(model)),
-        )
-    except KeyboardInterrupt:
-        recorder.interrupted(number)
-        raise
-    except Exception as err:
-        return recorder.fail(number, failure_reason(err))
-    fit = outcome.fit
-    return recorder.finish(
-        number, fit.final_val_acc, stopped_by=f"pruner:{cfg.search.pruner}" if fit.stopped_early else None,
-        run_timing=(fit.epochs_run, fit.step_time_s, fit.images_per_s),
-    )
-
-
-def _search_full(cfg: StudyConfig, study: optuna.Study) -> bool:
-    # RUNNING counts too: a worker that finds n_trials - 1 finished while another worker's trial
-    # runs stops instead of starting one more (which would overshoot n_trials)
-    return len(search_trials(study, (*FINISHED, TrialState.RUNNING))) >= cfg.search.n_trials
-
-
-def run_in_process(cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder, *, prune: bool, enqueued_only: bool) -> None:
-    """Ask, train and tell trials one after another in this process.
-
-    Args:
-        cfg: the run configuration (``train.epochs`` is each trial's budget).
-        space: the search space.
-        recorder: where the trials are recorded.
-        prune: let the study's pruner stop trials (search stage) or not (confirmation, ENAS retraining).
-        enqueued_only: run the WAITING trials and stop (``run_enqueued``); else run until the study
-            holds ``search.n_trials`` finished or running search-stage trials, or
-            ``search.timeout_s`` seconds have passed (no new trial starts after it).
-
-    Stops early when ``search.max_failures`` trials have failed since ``recorder`` opened the study.
-    """
-    deadline = None if enqueued_only or cfg.search.timeout_s is None else time.monotonic() + cfg.search.timeout_s
-    study = recorder.study
-    while not recorder.failures_exceeded():
-        if (recorder.waiting() == 0) if enqueued_only else _search_full(cfg, study):
-            break
-        if deadline is not None and time.monotonic() >= deadline:
-            break
-        run_one(cfg, space, recorder, recorder.ask(), prune)
-        gc.collect()
-
-
-class InProcessBackend(Backend):
-    """Trials run one by one in this process (the optuna backend; ENAS's retraining)."""
-
-    def run_waiting(self, cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
-        run_in_process(cfg, space, recorder, prune=False, enqueued_only=True)

@@ -8,10 +8,12 @@ Several processes on one storage share the study: each runs trials until the stu
 
 from __future__ import annotations
 
-from ..config import StudyConfig
-from ..space import SearchSpace
-from .base import InProcessBackend, run_in_process
-from .recorder import TrialRecorder
+from normsearch.config import StudyConfig
+from normsearch.space.search_space import SearchSpace
+from normsearch.search.in_process import InProcessBackend, run_in_process
+from normsearch.search.recorder import TrialRecorder
+from normsearch.search.schedules import successive_halving_epochs
+from normsearch.search.study import HYPERBAND_REDUCTION, MEDIAN_STARTUP_TRIALS, MEDIAN_WARMUP_STEPS
 
 __all__ = ["OptunaBackend"]
 
@@ -29,3 +31,21 @@ class OptunaBackend(InProcessBackend):
         """
         recorder.recover_interrupted()
         run_in_process(cfg, space, recorder, prune=True, enqueued_only=False)
+
+    def trial_epochs(self, cfg: StudyConfig) -> tuple[float, float, str]:
+        """What the study's pruner (:func:`normsearch.search.study.make_pruner`) leaves a trial.
+
+        Median: after its startup trials, about half the later trials stop at the first epoch it may
+        prune, none at worst. Hyperband: the successive-halving expectation, none at worst.
+        """
+        s, e = cfg.search, cfg.train.epochs
+        if s.pruner == "median" and s.n_trials > MEDIAN_STARTUP_TRIALS:
+            cut = min(MEDIAN_WARMUP_STEPS + 1, e)
+            later = s.n_trials - MEDIAN_STARTUP_TRIALS
+            lo = (MEDIAN_STARTUP_TRIALS * e + later * (e + cut) / 2) / s.n_trials
+            return lo, float(e), (f"median pruner: {lo:.3g}-{e} epochs per trial (half the later trials stopped "
+                                  f"at epoch {cut} .. none)")
+        if s.pruner == "hyperband":
+            sh = successive_halving_epochs(e, 1, HYPERBAND_REDUCTION)
+            return sh, float(e), f"Hyperband pruner: {sh:.3g}-{e} epochs per trial"
+        return super().trial_epochs(cfg)

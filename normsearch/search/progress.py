@@ -9,7 +9,7 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..spec import ModelSpec
+from normsearch.space.spec import ModelSpec
 
 
 def summarize_spec(spec: ModelSpec) -> str:

@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..config import StudyConfig
-from ..space import SearchSpace
-from ..study import METRIC, count_finished, weights_path
-from .base import Backend
-from .recorder import TrialRecorder, failure_reason
+from normsearch.config import StudyConfig
+from normsearch.space.search_space import SearchSpace
+from normsearch.search.study import METRIC, count_finished, weights_path
+from normsearch.search.base import Backend
+from normsearch.search.schedules import successive_halving_epochs
+from normsearch.search.recorder import TrialRecorder, failure_reason
 
 __all__ = ["RayBackend", "ray_trainable"]
 
@@ -41,15 +42,15 @@ def ray_trainable(config: dict[str, Any], run_config: dict[str, Any], space: Sea
         config: the trial's flat Optuna params plus ``NUMBER_KEY`` and ``SEED_KEY``.
         run_config: the run configuration as JSON (``StudyConfig.model_dump(mode="json")``).
         space: the search space (decodes the params into a spec).
-        run: the trial function, :func:`normsearch.trial.run_trial` or a stand-in with its signature.
+        run: the trial function, :func:`normsearch.train.trial.run_trial` or a stand-in with its signature.
 
     A failing trial (exception, NaN loss) reports ``fail_reason`` and returns normally, so Ray
     keeps the search going and the searcher records the trial as FAIL with its reason.
     """
     from ray import tune
 
-    from ..surgery import count_parameters
-    from .ray_searcher import NUMBER_KEY, SEED_KEY
+    from normsearch.space.surgery import count_parameters
+    from normsearch.search.ray_searcher import NUMBER_KEY, SEED_KEY
 
     cfg = StudyConfig.model_validate(run_config)
     if cfg.train.threads:
@@ -112,8 +113,8 @@ def run_tune(cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder, *, e
     FIFO (no early stopping), as many in parallel as the resources allow.
     Each round gets a fresh Ray experiment directory.
     """
-    from .. import trial as trial_module  # looked up per call: tests replace trial_module.run_trial
-    from .ray_searcher import RecordingOptunaSearch
+    from normsearch.train import trial as trial_module  # looked up per call: tests replace trial_module.run_trial
+    from normsearch.search.ray_searcher import RecordingOptunaSearch
 
     _, tune = _import_ray()
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -170,3 +171,37 @@ class RayBackend(Backend):
 
     def run_waiting(self, cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder) -> None:
         run_tune(cfg, space, recorder, enqueued_only=True)
+
+    def trial_threads(self, cfg: StudyConfig) -> Optional[int]:
+        """``train.threads``, else the trial's CPUs (Ray sets ``OMP_NUM_THREADS`` to them)."""
+        return cfg.train.threads if cfg.train.threads is not None else max(1, int(cfg.search.ray.cpus_per_trial))
+
+    def concurrency(self, cfg: StudyConfig, notes: list[str]) -> int:
+        """``floor(cpus / cpus_per_trial)``, and GPUs / ``gpus_per_trial``, capped by
+        ``max_concurrent_trials`` and ``n_trials``, counted on this machine."""
+        import math
+
+        import torch
+
+        rc = cfg.search.ray
+        n = max(1, math.floor((os.cpu_count() or 1) / rc.cpus_per_trial))
+        if rc.gpus_per_trial > 0:
+            gpus = torch.cuda.device_count()
+            if not gpus:
+                notes.append(f"search.ray.gpus_per_trial is {rc.gpus_per_trial:g} but this machine has no GPU: Ray will "
+                             f"not start such trials here; counted as one GPU, timed on the CPU")
+            n = min(n, max(1, math.floor((gpus or 1) / rc.gpus_per_trial)))
+        if rc.max_concurrent_trials:
+            n = min(n, rc.max_concurrent_trials)
+        if rc.address:
+            notes.append(f"search.ray.address is {rc.address!r}: concurrency counted on this machine; a cluster runs more")
+        return max(1, min(n, cfg.search.n_trials))
+
+    def trial_epochs(self, cfg: StudyConfig) -> tuple[float, float, str]:
+        """ASHA: the expected epochs of successive halving; FIFO: every trial runs ``train.epochs``."""
+        rc, e = cfg.search.ray, cfg.train.epochs
+        if rc.scheduler != "asha":
+            return super().trial_epochs(cfg)
+        sh = successive_halving_epochs(e, min(rc.grace_period, e), rc.reduction_factor)
+        return sh, sh, (f"ASHA (grace {rc.grace_period}, factor {rc.reduction_factor:g}) cuts a trial to "
+                        f"{sh:.3g} epochs on average (successive halving)")

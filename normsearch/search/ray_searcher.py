@@ -20,9 +20,9 @@ from typing import Any, Optional
 
 from ray.tune.search import Searcher
 
-from ..space import SearchSpace
-from ..study import METRIC
-from .recorder import TrialRecorder
+from normsearch.space.search_space import SearchSpace
+from normsearch.search.study import METRIC
+from normsearch.search.recorder import TrialRecorder
 
 __all__ = ["NUMBER_KEY", "SEED_KEY", "RecordingOptunaSearch", "EpochRow"]
 

@@ -2,13 +2,19 @@
 
 Every backend (in-process Optuna, Ray Tune's driver, ENAS's retraining) asks the recorder for a
 trial, tells it when the trial starts, after each epoch and when it ends; the recorder alone writes
-the ``ATTR_*`` user attrs of :mod:`normsearch.study`, the intermediate values (validation accuracy
+the ``ATTR_*`` user attrs of :mod:`normsearch.search.study`, the intermediate values (validation accuracy
 per epoch, step = epoch), the final value(s) and the state (COMPLETE, PRUNED with ``stopped_by``,
 FAIL with ``fail_reason``), so a study reads the same whichever backend filled it.
 
-It uses only public API: ``Study.ask``/``Study.tell``/``Study.enqueue_trial`` and the public
-methods of the ``RDBStorage`` that :func:`normsearch.study.open_storage` created (user attrs,
-intermediate values and heartbeats of a trial addressed by its id).
+It also writes the study-level results (:meth:`TrialRecorder.set_study_attrs`: model and data
+facts, the confirmation result, the verdict) and every enqueued trial (:meth:`TrialRecorder.enqueue`:
+reference arms, confirmation, hold-out and audit runs, ENAS's children), so nothing else writes into
+a study.
+
+It uses Optuna's user API: ``Study.ask``/``tell``/``enqueue_trial``/``set_user_attr`` and, on the
+``Trial`` objects ``ask()`` returns, ``report``/``should_prune``/``set_user_attr``. The rest
+(a handle on a trial another process asked, storage heartbeats, failing a dead worker's trials)
+is in :mod:`normsearch.search._optuna_compat`.
 """
 
 from __future__ import annotations
@@ -16,8 +22,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -25,9 +29,9 @@ from typing import Any, Mapping, Optional
 import optuna
 from optuna.trial import TrialState
 
-from ..config import StudyConfig
-from ..spec import ModelSpec
-from ..study import (
+from normsearch.config import StudyConfig
+from normsearch.space.spec import ModelSpec
+from normsearch.search.study import (
     ATTR_FAIL_REASON,
     ATTR_NUM_PARAMETERS,
     ATTR_RETRY_OF,
@@ -56,7 +60,8 @@ from ..study import (
     weights_path,
     worker_id,
 )
-from .progress import SearchProgress
+from normsearch.search import _optuna_compat as compat
+from normsearch.search.progress import SearchProgress
 
 __all__ = ["TrialRecorder", "TrialStart", "failure_reason"]
 
@@ -83,37 +88,6 @@ class TrialStart:
     seed: int
     stage: str
     weights_path: Path
-
-
-class _Heartbeat:
-    """Daemon thread recording a storage heartbeat for each running trial every ``interval`` s."""
-
-    def __init__(self, storage: optuna.storages.RDBStorage, interval: float):
-        self.storage, self.interval = storage, interval
-        self.trial_ids: set[int] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="normsearch-heartbeat", daemon=True)
-        self._thread.start()
-
-    def add(self, trial_id: int) -> None:
-        self.storage.record_heartbeat(trial_id)
-        with self._lock:
-            self.trial_ids.add(trial_id)
-
-    def discard(self, trial_id: int) -> None:
-        with self._lock:
-            self.trial_ids.discard(trial_id)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            with self._lock:
-                ids = list(self.trial_ids)
-            for trial_id in ids:
-                self.storage.record_heartbeat(trial_id)
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 def _dead_local_worker(worker: str) -> bool:
@@ -143,16 +117,17 @@ class TrialRecorder:
         progress: terminal printer (``None`` = silent).
     """
 
-    def __init__(self, cfg: StudyConfig, backend: str, progress: Optional[SearchProgress] = None):
+    def __init__(self, cfg: StudyConfig, backend: str, progress: Optional[SearchProgress] = None,
+                 study: Optional[optuna.Study] = None):
         self.cfg = cfg
         self.backend = backend
         self.progress = progress if progress is not None else SearchProgress(0, cfg.train.epochs, enabled=False)
-        self._rdb: Optional[optuna.storages.RDBStorage] = None
         self._study: Optional[optuna.Study] = None
-        self._sid = -1
         self._failures: Optional[FailureLimit] = None
-        self._heartbeat: Optional[_Heartbeat] = None
-        self._ids: dict[int, int] = {}  # trial number -> storage trial id
+        if study is not None:
+            self._use(study)
+        self._heartbeat: Optional[compat.Heartbeat] = None
+        self._trials: dict[int, optuna.Trial] = {}  # trial number -> live handle
         self._curves: dict[int, list[float]] = {}  # validation accuracy per epoch, per trial
         self._clean_curves: dict[int, list[float]] = {}  # clean validation accuracy per epoch (eval_corruptions)
         self._test_curves: dict[int, list[float]] = {}  # test accuracy per tested epoch (train.eval_test)
@@ -168,21 +143,23 @@ class TrialRecorder:
 
     # -- the study ---------------------------------------------------------------------------------
 
-    @property
-    def storage(self) -> optuna.storages.RDBStorage:
-        """The run's RDB storage (opened on first use, with heartbeats)."""
-        if self._rdb is None:
-            self._rdb = open_storage(self.cfg)
-        return self._rdb
+    def _use(self, study: optuna.Study) -> None:
+        self._study = study
+        self._failures = FailureLimit(study, self.cfg.search.max_failures)
 
     @property
     def study(self) -> optuna.Study:
-        """The run's study (created or loaded on first use; see :func:`normsearch.study.create_study`)."""
+        """The run's study (created or loaded on first use on the run's storage, with heartbeats;
+        see :func:`normsearch.search.study.create_study`), or the study the recorder was given."""
         if self._study is None:
-            self._study = create_study(self.cfg, self.storage)
-            self._sid = self.storage.get_study_id_from_name(self.cfg.name)
-            self._failures = FailureLimit(self._study, self.cfg.search.max_failures)
+            self._use(create_study(self.cfg, open_storage(self.cfg)))
+        assert self._study is not None
         return self._study
+
+    def set_study_attrs(self, attrs: Mapping[str, Any]) -> None:
+        """Write study-level user attrs (keys: the ``STUDY_*`` constants of :mod:`normsearch.search.study`)."""
+        for key, value in attrs.items():
+            self.study.set_user_attr(key, value)
 
     def failures_exceeded(self) -> bool:
         """Whether ``search.max_failures`` trials have failed since this recorder opened the study."""
@@ -196,17 +173,16 @@ class TrialRecorder:
             self._heartbeat.close()
             self._heartbeat = None
 
-    def _id_of(self, number: int) -> int:
-        """The storage's id of trial ``number`` (cached)."""
-        if number not in self._ids:
-            self.study  # opens the storage and finds the study's id
-            self._ids[number] = self.storage.get_trial_id_from_study_id_trial_number(self._sid, number)
-        return self._ids[number]
+    def _trial(self, number: int) -> optuna.Trial:
+        """The live handle of trial ``number`` (asked here, else looked up: another process asked it)."""
+        if number not in self._trials:
+            self._trials[number] = compat.trial_of(self.study, number)
+        return self._trials[number]
 
     def _set(self, number: int, attrs: Mapping[str, Any]) -> None:
-        trial_id = self._id_of(number)
+        trial = self._trial(number)
         for key, value in attrs.items():
-            self.storage.set_trial_user_attr(trial_id, key, value)
+            trial.set_user_attr(key, value)
 
     def ask(self) -> optuna.Trial:
         """A new trial: the oldest WAITING (enqueued) one first, else a fresh one from the sampler.
@@ -214,12 +190,9 @@ class TrialRecorder:
         Running trials of workers whose storage heartbeat stopped are failed first, as
         ``Study.optimize`` does.
         """
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # fail_stale_trials
-            # Optuna's note that heartbeats are meant for Study.optimize: this recorder sends them
-            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-            optuna.storages.fail_stale_trials(self.study)
-            return self.study.ask()
+        trial = compat.ask(self.study)
+        self._trials[trial.number] = trial
+        return trial
 
     def enqueue(self, params: Mapping[str, Any], user_attrs: Optional[Mapping[str, Any]] = None) -> None:
         """Enqueue a trial with fixed ``params`` and initial ``user_attrs`` (e.g. ``stage``, ``seed``)."""
@@ -244,11 +217,11 @@ class TrialRecorder:
         self._set(trial.number, spec_attrs(spec, self.backend) | {
             ATTR_SEED: start.seed, ATTR_STAGE: start.stage, ATTR_WEIGHTS: str(start.weights_path), ATTR_WORKER: worker_id(),
         })
-        interval = self.storage.get_heartbeat_interval()
+        interval = compat.heartbeat_interval(self.study)
         if interval:
             if self._heartbeat is None:
-                self._heartbeat = _Heartbeat(self.storage, interval)
-            self._heartbeat.add(self._id_of(trial.number))
+                self._heartbeat = compat.Heartbeat(self.study, interval)
+            self._heartbeat.add(self._trial(trial.number))
         self.progress.trial_started(trial.number, spec, epochs or self.cfg.train.epochs)
         return start
 
@@ -263,7 +236,7 @@ class TrialRecorder:
 
         Args:
             number: the trial number.
-            report: an :class:`normsearch.train.EpochReport` or anything with ``epoch``, ``val_acc``
+            report: an :class:`normsearch.train.trainer.EpochReport` or anything with ``epoch``, ``val_acc``
                 (fraction), ``train_loss``, ``step_time_s`` (s) and ``images_per_s``.
 
         Returns:
@@ -275,7 +248,7 @@ class TrialRecorder:
         curve = self._curves.setdefault(number, [])
         curve.append(float(report.val_acc))
         if len(self.cfg.search.objectives) == 1:
-            self.storage.set_trial_intermediate_value(self._id_of(number), int(report.epoch), float(report.val_acc))
+            self._trial(number).report(float(report.val_acc), int(report.epoch))
         else:
             self._set(number, {ATTR_VAL_CURVE: list(curve)})
         self._timing(number, report.epoch, report.step_time_s, report.images_per_s)
@@ -299,7 +272,7 @@ class TrialRecorder:
         (single-objective studies; always False for several objectives)."""
         if len(self.cfg.search.objectives) != 1:
             return False
-        return self.study.pruner.prune(self.study, self.storage.get_trial(self._id_of(number)))
+        return self._trial(number).should_prune()
 
     def _timing(self, number: int, epochs_run: int, step_time_s: float, images_per_s: float) -> None:
         attrs = epoch_attrs(epochs_run, step_time_s, images_per_s, max(self._curves.get(number) or [0.0]))
@@ -312,7 +285,7 @@ class TrialRecorder:
             return False
         self._finished.add(number)
         if self._heartbeat is not None:
-            self._heartbeat.discard(self._id_of(number))
+            self._heartbeat.discard(self._trial(number))
         return True
 
     def finish(

@@ -69,4 +69,4 @@ def get_backend(name: str) -> Any:
 
 register_backend("optuna", "normsearch.search.optuna_backend:OptunaBackend")
 register_backend("ray", "normsearch.search.ray_backend:RayBackend")
-register_backend("enas", "normsearch.search.enas_retrain:EnasBackend")
+register_backend("enas", "normsearch.search.enas.backend:EnasBackend")

@@ -25,9 +25,9 @@ numbers as "points".
 
 from __future__ import annotations
 
-from .decision import BONFERRONI, CLAIMS, HOLDOUT, MIN_SEEDS, POWER, Decision, decide
-from .fidelity import JUDGE_MIN_N, fidelity_note, rank_correlation
-from .intervals import Interval, PairedDiff, binomial_se, fmt_acc, mean_ci, paired_diff, wilson_ci
+from normsearch.stats.decision import BONFERRONI, CLAIMS, HOLDOUT, MIN_SEEDS, POWER, Decision, decide
+from normsearch.stats.fidelity import JUDGE_MIN_N, fidelity_note, rank_correlation
+from normsearch.stats.intervals import Interval, PairedDiff, binomial_se, fmt_acc, mean_ci, paired_diff, wilson_ci
 
 __all__ = ["BONFERRONI", "CLAIMS", "HOLDOUT", "JUDGE_MIN_N", "MIN_SEEDS", "POWER", "Decision", "Interval",
            "PairedDiff", "binomial_se", "decide", "fidelity_note", "fmt_acc", "mean_ci", "paired_diff",

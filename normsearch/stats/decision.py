@@ -11,7 +11,7 @@ from typing import Any, Optional
 import numpy as np
 import scipy.stats
 
-from .intervals import PairedDiff
+from normsearch.stats.intervals import PairedDiff
 
 #: The claims :func:`decide` makes.
 CLAIMS = ("beats", "inconclusive", "worse")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import scipy.stats
 
-from .intervals import is_constant, vector
+from normsearch.stats.intervals import is_constant, vector
 
 #: Fewest configurations :func:`fidelity_note` judges a proxy from: below it even a perfect ranking
 #: is not significant at 5 % (exact Kendall p of a perfect ranking: 0.083 at n = 4, 0.0028 at n = 8).

@@ -11,7 +11,7 @@ from torch import nn
 from normsearch.models import create_model, list_models
 from normsearch.models.resnet import PadShortcut
 from normsearch.norms import GroupNorm2d, create_norm_layer
-from normsearch.surgery import count_parameters
+from normsearch.space.surgery import count_parameters
 
 ALL_MODELS = ["lenet", "mixn_cnn", "resnet20", "resnet32", "resnet56", "sl_cnn", "vgg13"]
 INPUTS = [(1, 28), (3, 32)]  # (channels, side): Fashion-MNIST, CIFAR

@@ -246,7 +246,7 @@ def test_run_builds_the_kernels_before_trials_only_when_a_cpu_trial_can_use_them
     from pathlib import Path
 
     from normsearch import runner
-    from normsearch.config import load_config
+    from normsearch.config import read_config as load_config
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "search_spaces" / "quickstart.yaml")
     space = cfg.space.model_copy(update={"layers": [cfg.space.layers[0].model_copy(

@@ -18,16 +18,17 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from normsearch import cli, plots
+from normsearch import cli
+from normsearch.report import figures as plots
 from normsearch.config import parse_config
 from normsearch.export import render_model_source
 from normsearch.models import create_model
 from normsearch.norms import _cpu_ext, _registry, create_norm_layer, get_norm_entry, list_norms, register_norm
-from normsearch.search.enas_space import EnasSpace
-from normsearch.search.supernet import Supernet, child_from_supernet, recalibrate
-from normsearch.space import SearchSpace
-from normsearch.spec import ModelSpec, NormSpec
-from normsearch.surgery import find_norm_slots
+from normsearch.search.enas.space import EnasSpace
+from normsearch.search.enas.supernet import Supernet, child_from_supernet, recalibrate
+from normsearch.space.search_space import SearchSpace
+from normsearch.space.spec import ModelSpec, NormSpec
+from normsearch.space.surgery import find_norm_slots
 
 HERE = Path(__file__).resolve().parent
 

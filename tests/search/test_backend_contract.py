@@ -1,6 +1,6 @@
 """Every registered backend writes the same study: the recording contract, against a stub trial.
 
-``normsearch.trial.run_trial`` is replaced by :func:`stub_run_trial`: no data, no network; each
+``normsearch.train.trial.run_trial`` is replaced by :func:`stub_run_trial`: no data, no network; each
 epoch's validation accuracy is a fixed function of the spec, the seed and the epoch
 (:func:`stub_acc`), a spec with GroupNorm in both slots raises, and it stops when the backend's
 report callback says so. What lands in the study is then checked trial by trial: params,
@@ -8,8 +8,8 @@ intermediate values, user attrs, states (COMPLETE, PRUNED with ``stopped_by``, F
 ``fail_reason``), enqueued trials first with their own seed/stage, and ``run_enqueued`` training
 WAITING trials to their full epochs without pruning.
 
-ENAS's supernet phase needs data, so its case replaces ``normsearch.search.enas.run_enas`` by
-its retraining step (``retrain_children``) on fixed children: that is the part that writes trials.
+ENAS's supernet phase needs data, so its case replaces ``normsearch.search.enas.loop.run_enas`` by
+fixed children, which its retraining step (``retrain_children``) trains: that is the part that writes trials.
 The ray case runs local Ray in-process on 2 CPUs, one trial at a time (ASHA decisions are then
 deterministic).
 """
@@ -24,21 +24,20 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from normsearch import trial as trial_module
+from normsearch.train import trial as trial_module
 from normsearch.config import parse_config
-from normsearch.search import enas as enas_module
-from normsearch.search.enas_retrain import retrain_children
-from normsearch.search.enas_space import EnasSpace
+from normsearch.search.enas import loop as enas_module
+from normsearch.search.enas.space import EnasSpace
 from normsearch.search.recorder import TrialRecorder
 from normsearch.search.registry import get_backend, list_backends
-from normsearch.space import SearchSpace
-from normsearch.study import (
+from normsearch.space.search_space import SearchSpace
+from normsearch.search.study import (
     ATTR_BACKEND, ATTR_EPOCH, ATTR_FAIL_REASON, ATTR_IMAGES_PER_S, ATTR_LAYERS, ATTR_NUM_PARAMETERS, ATTR_REFERENCE,
     ATTR_SEED, ATTR_SPEC, ATTR_STAGE, ATTR_STEP_TIME, ATTR_STOPPED_BY, ATTR_SUPERNET_ACC, ATTR_WEIGHTS, ATTR_WORKER,
     FINISHED,
     count_finished, ranked_trials, trial_spec,
 )
-from normsearch.train import EpochReport, FitResult
+from normsearch.train.trainer import EpochReport, FitResult
 
 SLOTS = {"conv1.norm": 6, "conv2.norm": 16}
 EPOCHS, FINAL_EPOCHS, N_TRIALS = 3, 4, 5
@@ -54,7 +53,7 @@ def stub_acc(kinds: list[str], seed: int, epoch: int) -> float:
 
 
 def stub_run_trial(cfg, spec, *, seed, report=None, weights_path=None, on_model=None):
-    """Stand-in for ``normsearch.trial.run_trial`` with its signature and outcome."""
+    """Stand-in for ``normsearch.train.trial.run_trial`` with its signature and outcome."""
     kinds = [s.kind for s in spec.layers.values()]
     if kinds.count("groupnorm") == len(kinds):
         raise RuntimeError("stub: GroupNorm everywhere breaks")
@@ -101,14 +100,14 @@ def local_ray():
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
-def fake_enas(cfg, space, progress, recorder):
-    """ENAS's retraining step on two fixed children (all-BN scored best, then all-none)."""
+def fake_enas(cfg, space, progress):
+    """ENAS's outcome with fixed children (all-BN scored best, then all-none), for its retraining step."""
     espace = EnasSpace(space, cfg.space)
     names = [d.name for d in espace.decisions]
     index = {o.describe(): i for i, o in enumerate(espace.decisions[0].options)}
     children = [{"actions": {n: index[kind] for n in names}, "val_acc": acc}
                 for kind, acc in (("batchnorm", 0.9), ("none", 0.4), ("batchnorm", 0.8))]
-    return retrain_children(cfg, space, espace, children, recorder)
+    return enas_module.EnasOutcome(espace, children, {})
 
 
 def check_trial(t: optuna.trial.FrozenTrial, backend: str, run_dir: Path) -> None:

@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normsearch.search.controller import (
+from normsearch.search.enas.controller import (
     ControllerConfig,
     Decision,
     LSTMController,
-    ReinforceTrainer,
     max_probability,
 )
+from normsearch.search.enas.reinforce import ReinforceTrainer
 
 MIXED = [
     Decision("stem.bn", 3),

@@ -14,10 +14,10 @@ from optuna.trial import TrialState
 
 from normsearch.cli import main
 from normsearch.config import ConfigError, parse_config
-from normsearch.search.enas_space import EnasSpace, middle_of_range
-from normsearch.space import Range, SearchSpace
-from normsearch.study import ATTR_BACKEND, ATTR_EPOCH, ATTR_NUM_PARAMETERS, ATTR_SPEC
-from normsearch.surgery import slot_kinds
+from normsearch.search.enas.space import EnasSpace, middle_of_range
+from normsearch.space.search_space import Range, SearchSpace
+from normsearch.search.study import ATTR_BACKEND, ATTR_EPOCH, ATTR_NUM_PARAMETERS, ATTR_SPEC
+from normsearch.space.surgery import slot_kinds
 
 SLOTS = {"bn1": 16, "layer1.0.bn1": 16, "layer1.0.bn2": 16, "layer2.0.bn1": 32}
 needs_data = pytest.mark.needs_fashion_mnist
@@ -144,12 +144,12 @@ search:
 
 @needs_data
 def test_resumed_search_equals_an_uninterrupted_one(tmp_path):
-    from normsearch.config import load_config
-    from normsearch.runner import prepare
-    from normsearch.search.enas import EnasSearch
+    from normsearch.config import read_config as load_config
+    from normsearch.prepare import prepare
+    from normsearch.search.enas.loop import EnasSearch
 
     cfg = load_config(run_config(tmp_path))
-    space = prepare(cfg)
+    space = prepare(cfg).space
     straight = EnasSearch(cfg, space)
     straight.run_epoch()
     saved = _saved(straight.state_dict(), tmp_path)  # now: state_dict() shares the live tensors

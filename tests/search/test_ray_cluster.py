@@ -28,7 +28,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from normsearch.study import ATTR_NUM_PARAMETERS, ATTR_SPEC
+from normsearch.search.study import ATTR_NUM_PARAMETERS, ATTR_SPEC
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

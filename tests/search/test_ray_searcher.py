@@ -18,8 +18,8 @@ pytest.importorskip("ray.tune")
 from normsearch.config import parse_config
 from normsearch.search.ray_searcher import NUMBER_KEY, SEED_KEY, RecordingOptunaSearch
 from normsearch.search.recorder import TrialRecorder
-from normsearch.space import SearchSpace
-from normsearch.study import (
+from normsearch.space.search_space import SearchSpace
+from normsearch.search.study import (
     ATTR_BACKEND, ATTR_EPOCH, ATTR_FAIL_REASON, ATTR_NUM_PARAMETERS, ATTR_SEED, ATTR_STAGE, ATTR_STEP_TIME,
     ATTR_STOPPED_BY, ATTR_VAL_CURVE,
 )

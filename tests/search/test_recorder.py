@@ -10,11 +10,11 @@ from optuna.trial import TrialState
 
 from normsearch.config import parse_config
 from normsearch.search.recorder import TrialRecorder, failure_reason
-from normsearch.space import SearchSpace
-from normsearch.study import (
+from normsearch.space.search_space import SearchSpace
+from normsearch.search.study import (
     ATTR_FAIL_REASON, ATTR_REFERENCE, ATTR_RETRY_OF, ATTR_SEED, ATTR_STAGE, ATTR_WORKER, count_finished, ranked_trials,
 )
-from normsearch.train import EpochReport
+from normsearch.train.trainer import EpochReport
 
 SLOTS = {"conv1.norm": 6, "conv2.norm": 16}
 

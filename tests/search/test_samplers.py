@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from normsearch.config import parse_config
-from normsearch.study import make_sampler
+from normsearch.search.study import make_sampler
 
 RAW = {
     "data": {"dataset": "fashion_mnist"},

@@ -13,10 +13,10 @@ from torch import nn
 from normsearch.config import parse_config
 from normsearch.models import create_model
 from normsearch.norms import ModeNorm2d
-from normsearch.search.enas_space import EnasSpace
-from normsearch.search.supernet import MixedNorm, Supernet, active_modules, child_from_supernet, recalibrate
-from normsearch.space import SearchSpace
-from normsearch.surgery import find_norm_slots, slot_kinds
+from normsearch.search.enas.space import EnasSpace
+from normsearch.search.enas.supernet import MixedNorm, Supernet, active_modules, child_from_supernet, recalibrate
+from normsearch.space.search_space import SearchSpace
+from normsearch.space.surgery import find_norm_slots, slot_kinds
 
 CHOICES = [
     "batchnorm",
