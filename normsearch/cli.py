@@ -102,7 +102,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     import optuna
 
-    from normsearch.audit import run_audit
+    from normsearch.audit import configurations, run_audit
+    from normsearch.estimate import audit_line
     from normsearch.prepare import load_config, prepare
     from normsearch.report.audit import audit_lines, plot_audit
     from normsearch.space.bundled import resolve_config
@@ -115,6 +116,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         cfg = type(cfg).model_validate(cfg.model_dump(exclude_unset=True))
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     prepared = prepare(cfg)
+    n_configs = len(configurations(prepared.space, args.max_configs))  # a space too large fails here
+    print(f"normsearch: {audit_line(prepared, n_configs)}", flush=True)
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
     try:
         result = run_audit(prepared, max_configs=args.max_configs, repetitions=args.repetitions, budgets=budgets,

@@ -35,7 +35,7 @@ from normsearch.config import StudyConfig
 from normsearch.data import TensorLoader, TensorSplit, get_dataset_info
 from normsearch.data.sizes import data_note, n_test_images, split_sizes
 from normsearch.prepare import Prepared, ensure_prepared
-from normsearch.search.base import Overhead
+from normsearch.search.base import Overhead, Span
 from normsearch.space import Categorical, Domain, ModelSpec, Range, SearchSpace, model_from_spec
 from normsearch.train import Trainer, resolve_device
 
@@ -204,6 +204,17 @@ def time_config(cfg: StudyConfig, spec: ModelSpec, name: str, steps: int, thread
 # the arithmetic
 
 
+def stage_seconds(runs: int, epochs: int, test_images: int, epoch_s: Span, eval_s: Span, concurrent: int,
+                  overhead: Overhead, tests_per_run: int = 1) -> Span:
+    """(low, high) seconds of a stage of ``runs`` runs of ``epochs`` epochs each, ``concurrent`` at
+    a time, each testing its own weights on ``test_images`` images ``tests_per_run`` times in its
+    worker, plus the backend's start-up once and its per-trial overhead per wave of runs."""
+    waves = math.ceil(runs / concurrent)
+    lo, hi = (waves * (epochs * es + tests_per_run * test_images * ev + overhead.per_trial_s) + overhead.startup_s
+              for es, ev in zip(epoch_s, eval_s))
+    return lo, hi
+
+
 def estimate(prepared: Prepared, timings: tuple[Timing, Timing]) -> Estimate:
     """The study's wall time from the cheapest and most expensive :class:`Timing` (module docstring, step 4).
 
@@ -233,15 +244,14 @@ def estimate(prepared: Prepared, timings: tuple[Timing, Timing]) -> Estimate:
     confirm_s, confirm = (0.0, 0.0), ""
     if cfg.final.confirm:
         runs = (cfg.final.top_k + len(prepared.references)) * cfg.final.seeds
-        runs += 2 * cfg.final.holdout_seeds if prepared.references else 0  # hold-out: the chosen one and the reference
+        holdout = 2 * cfg.final.holdout_seeds if prepared.references else 0  # the chosen one and the reference
         c_epochs = cfg.final.epochs or e
         n_test = n_test_images(cfg) if cfg.final.evaluate_test else 0
-        # each run tests its own weights in its worker after its last epoch, ``conc`` runs at once
-        stages = 1 + (1 if cfg.final.holdout_seeds and prepared.references else 0)
-        c_waves = math.ceil(runs / conc)
-        confirm_s = tuple(c_waves * (c_epochs * es + n_test * ev + overhead.per_trial_s) + stages * overhead.startup_s
-                          for es, ev in zip(epoch_s, eval_s))
-        confirm = (f"confirmation included: {runs} runs x {c_epochs} epochs + testing on {n_test} images "
+        confirm_s = stage_seconds(runs, c_epochs, n_test, epoch_s, eval_s, conc, overhead)
+        if holdout:
+            confirm_s = tuple(a + b for a, b in zip(confirm_s, stage_seconds(holdout, c_epochs, n_test, epoch_s, eval_s,
+                                                                              conc, overhead)))
+        confirm = (f"confirmation included: {runs + holdout} runs x {c_epochs} epochs + testing on {n_test} images "
                    f"({format_duration(confirm_s[1])} at most)")
     device = resolve_device(cfg.train.device).type
     return Estimate(s.n_trials, e, conc, device, epoch_s, search, confirm_s, schedule, confirm, notes,
@@ -303,3 +313,18 @@ def estimate_line(target: "Prepared | StudyConfig", steps: int = 3) -> str:
     """``estimate: <Estimate.line()>`` for ``normsearch run``: the same measurement as :func:`check`
     with ``steps`` timed steps (3: one after the warm-up)."""
     return "estimate: " + check(target, steps).estimate.line()
+
+
+def audit_line(prepared: Prepared, n_configs: int, steps: int = 3) -> str:
+    """``estimate: audit of N configurations x S seeds x E epochs, C at a time: about X`` for
+    ``normsearch audit``: every run trains ``final.epochs`` and tests itself after every epoch."""
+    from normsearch.audit.stage import audit_seeds
+
+    result = check(prepared, steps)
+    cfg, est = prepared.cfg, result.estimate
+    seeds, epochs = len(audit_seeds(cfg)), cfg.final.epochs or cfg.train.epochs
+    eval_s = (result.timings[0].eval_s_per_image, result.timings[1].eval_s_per_image)
+    span = stage_seconds(n_configs * seeds, epochs, n_test_images(cfg), est.epoch_s, eval_s, est.concurrent,
+                         est.overhead, tests_per_run=epochs)
+    return (f"estimate: audit of {n_configs} configurations x {seeds} seeds x {epochs} epochs, {est.concurrent} at a "
+            f"time: {format_span(*span)} on this machine ({est.device})")

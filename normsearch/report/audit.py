@@ -13,10 +13,10 @@ def plot_audit(result: Mapping[str, Any], out: Path) -> list[Path]:
     """``audit_regret.png`` (mean simple regret vs budget per strategy, 95 % intervals, random
     search as the grey baseline; hit rate beside it) and ``audit_fidelity.png`` (Kendall tau of each
     epoch's mean validation accuracy against the final test means, over every configuration)."""
-    from normsearch.report.figures import _figure, _save
+    from normsearch.report.figures import new_figure, save_figure
 
     out.mkdir(parents=True, exist_ok=True)
-    fig, grid = _figure(11, 4, cols=2)
+    fig, grid = new_figure(11, 4, cols=2)
     ax, ax2 = grid[0][0], grid[0][1]
     for strategy in result["strategies"]:
         rows = [r for r in result["replay"] if r["strategy"] == strategy]
@@ -39,8 +39,8 @@ def plot_audit(result: Mapping[str, Any], out: Path) -> list[Path]:
     ax.legend()
     ax2.set_xlabel("budget (finished trials)")
     ax2.set_ylabel("hit rate (%): tied with the best")
-    paths = [_save(fig, out / FIGURES[0])]
-    fig, grid = _figure(6, 4)
+    paths = [save_figure(fig, out / FIGURES[0])]
+    fig, grid = new_figure(6, 4)
     ax = grid[0][0]
     fid = result["fidelity"]
     ax.plot([f["epoch"] for f in fid], [f["kendall_tau"] for f in fid], "o-")
@@ -49,7 +49,7 @@ def plot_audit(result: Mapping[str, Any], out: Path) -> list[Path]:
     ax.set_xlabel("epoch of the validation score")
     ax.set_ylabel("Kendall tau vs final test mean")
     ax.set_title(f"proxy fidelity over all {result['configurations']} configurations")
-    paths.append(_save(fig, out / FIGURES[1]))
+    paths.append(save_figure(fig, out / FIGURES[1]))
     return paths
 
 

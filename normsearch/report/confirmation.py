@@ -102,13 +102,13 @@ def extra_lines(result: Mapping[str, Any]) -> list[str]:
 
 def plot_confirmation(result: Mapping[str, Any], path: Path) -> Path:
     """Dot-and-whisker plot of the confirmed accuracies and the paired differences to the first reference."""
-    from normsearch.report.figures import _figure, _save
+    from normsearch.report.figures import new_figure, save_figure
 
     rows = [r for r in result["confirmation"] if r.get("seeds")]
     refs = [r["reference"] for r in rows if r.get("reference")]
     use_test = any(r.get("test_acc_mean") is not None for r in rows)
     key = "test_acc" if use_test else "val_acc"  # val only when nothing was tested (final.evaluate_test off)
-    fig, grid = _figure(10, 1.2 + 0.45 * len(rows), cols=2 if refs else 1)
+    fig, grid = new_figure(10, 1.2 + 0.45 * len(rows), cols=2 if refs else 1)
     axes = list(grid[0])
     labels = [r["label"] + (" (ref.)" if r.get("reference") else " *" if r.get("chosen") else "") for r in rows]
     ax = axes[0]
@@ -141,12 +141,12 @@ def plot_confirmation(result: Mapping[str, Any], path: Path) -> Path:
         ax2.set_yticks(range(len(rows)), [""] * len(rows))
         ax2.invert_yaxis()
         ax2.set_xlabel(f"vs {refs[0]}, same seeds (test points; 95 % CI adjusted)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_proxy_fidelity(result: Mapping[str, Any], path: Path) -> Optional[Path]:
     """Search score (x) vs confirmed mean (y) of each confirmed configuration; ``None`` if < 2 points."""
-    from normsearch.report.figures import _figure, _save
+    from normsearch.report.figures import new_figure, save_figure
 
     fid = result.get("proxy_fidelity") or {}
     metric = fid.get("metric", "test_acc_mean")
@@ -155,7 +155,7 @@ def plot_proxy_fidelity(result: Mapping[str, Any], path: Path) -> Optional[Path]
            and r.get("score_source", "trial") == source]
     if len(pts) < 2:
         return None
-    fig, grid = _figure(6, 4.5)
+    fig, grid = new_figure(6, 4.5)
     ax = grid[0][0]
     for r in pts:
         ci = r.get(metric.replace("_mean", "_ci95"))
@@ -173,7 +173,7 @@ def plot_proxy_fidelity(result: Mapping[str, Any], path: Path) -> Optional[Path]
     ax.set_xlabel("search score (%): " + ("ENAS supernet accuracy" if source == "supernet" else
                                           "the trial's last reported validation accuracy"))
     ax.set_ylabel(f"confirmed mean {'test' if metric.startswith('test') else 'validation'} accuracy (%)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confirmation_section(result: Optional[Mapping[str, Any]], out: Path, notes: list[str],

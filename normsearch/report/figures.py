@@ -47,13 +47,16 @@ def _text_color(background: str) -> str:
     return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
 
 
-def _figure(width: float, height: float, rows: int = 1, cols: int = 1, **kw):
+def new_figure(width: float, height: float, rows: int = 1, cols: int = 1, **kw):
+    """A matplotlib ``Figure`` of ``width`` x ``height`` inches (constrained layout, Agg canvas, no
+    pyplot state) and its ``rows`` x ``cols`` axes array (``fig.subplots(squeeze=False)``)."""
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(rows, cols, squeeze=False, **kw)
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG to ``path`` (folders made as needed) at the report's resolution; returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=_DPI)
@@ -81,7 +84,7 @@ def plot_best_vs_trial(
         maximize: direction of the objective (for the running best).
         percent: format the y axis as a percentage of 1.
     """
-    fig, axes = _figure(7.5, 4.2)
+    fig, axes = new_figure(7.5, 4.2)
     ax = axes[0, 0]
     if complete:
         xs, ys = np.array(complete, dtype=float).T
@@ -114,7 +117,7 @@ def plot_best_vs_trial(
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=9)
     ax.set_title("Objective per trial and running best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ def plot_learning_curves(curves: Sequence[Curve], path: Path, *, best: Optional[
         label: name of the reported value (y axis).
         percent: format the y axis as a percentage of 1.
     """
-    fig, axes = _figure(7.5, 4.2)
+    fig, axes = new_figure(7.5, 4.2)
     ax = axes[0, 0]
     alpha = max(0.25, min(0.8, 8.0 / max(1, len(curves))))
     for c in curves:
@@ -160,7 +163,7 @@ def plot_learning_curves(curves: Sequence[Curve], path: Path, *, best: Optional[
     _objective_axis(ax, label, percent)
     ax.grid(alpha=0.3)
     ax.set_title("Learning curves (one line per trial)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,7 @@ def plot_choice_map(cmap: ChoiceMap, path: Path, *, percent: bool = True) -> Pat
     code = np.array([[kinds.index(k or "default") for k in row] for row in cmap.kinds]).reshape(
         len(cmap.slots), len(cmap.trials))
     n_rows, n_cols = code.shape
-    fig, axes = _figure(2.6 + 1.05 * n_cols + 0.06 * max(map(len, cmap.slots)), 1.4 + 0.42 * n_rows)
+    fig, axes = new_figure(2.6 + 1.05 * n_cols + 0.06 * max(map(len, cmap.slots)), 1.4 + 0.42 * n_rows)
     ax = axes[0, 0]
     ax.imshow(code, cmap=ListedColormap(colors), vmin=-0.5, vmax=len(kinds) - 0.5, aspect="auto")
     for r in range(n_rows):
@@ -217,7 +220,7 @@ def plot_choice_map(cmap: ChoiceMap, path: Path, *, percent: bool = True) -> Pat
                for k, col in zip(kinds, colors)]
     fig.legend(handles=handles, loc="outside right center", fontsize=8, title="normalizer", title_fontsize=8)
     ax.set_title("Per-layer choices of the best trials (columns: trial, score)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_importances(importances: Mapping[str, float], path: Path, *, top: int = 15) -> Path:
@@ -230,7 +233,7 @@ def plot_importances(importances: Mapping[str, float], path: Path, *, top: int =
     """
     items = sorted(importances.items(), key=lambda kv: kv[1], reverse=True)[:top]
     names, values = [k for k, _ in items][::-1], [float(v) for _, v in items][::-1]
-    fig, axes = _figure(7.5, 1.2 + 0.38 * len(items))
+    fig, axes = new_figure(7.5, 1.2 + 0.38 * len(items))
     ax = axes[0, 0]
     bars = ax.barh(names, values, color="#1f77b4")
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=3, fontsize=8)
@@ -238,7 +241,7 @@ def plot_importances(importances: Mapping[str, float], path: Path, *, top: int =
     ax.set_xlabel("importance (fraction of the objective's variance explained)")
     ax.tick_params(axis="y", labelsize=8)
     ax.set_title(f"Parameter importances (top {len(items)}, fANOVA)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _layer_ticks(ax, labels: Sequence[str]) -> None:
@@ -264,7 +267,7 @@ def plot_switchnorm_weights(weights: Mapping[str, Mapping[str, Mapping[str, floa
     labels = list(weights)
     scopes = [s for s in ("in", "ln", "bn") if any(s in w["mean"] for w in weights.values())]
     colors = {"in": kind_color("instancenorm"), "ln": kind_color("layernorm"), "bn": kind_color("batchnorm")}
-    fig, axes = _figure(max(5.0, 1.8 + 0.55 * len(labels)), 5.4, 2, 1, sharex=True)
+    fig, axes = new_figure(max(5.0, 1.8 + 0.55 * len(labels)), 5.4, 2, 1, sharex=True)
     x = np.arange(len(labels))
     for ax, part, name in zip(axes[:, 0], ("mean", "var"), (r"mean $\mu$", r"variance $\sigma^2$")):
         bottom = np.zeros(len(labels))
@@ -279,7 +282,7 @@ def plot_switchnorm_weights(weights: Mapping[str, Mapping[str, Mapping[str, floa
     handles = [Patch(facecolor=colors[s], label=s.upper()) for s in scopes]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="scope", title_fontsize=8)
     fig.suptitle(title or "SwitchNorm importance weights", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_mode_gates(gates: Mapping[str, np.ndarray], path: Path, *, title: str = "") -> Path:
@@ -294,7 +297,7 @@ def plot_mode_gates(gates: Mapping[str, np.ndarray], path: Path, *, title: str =
     labels = list(gates)
     k_max = max(g.shape[1] for g in gates.values())
     palette = colormaps["tab10"].colors  # modes are not kinds: matplotlib's qualitative palette
-    fig, axes = _figure(max(9.0, 5.0 + 0.5 * len(labels)), 4.2, 1, 2, width_ratios=[max(1.0, 0.4 * len(labels)), 1.6])
+    fig, axes = new_figure(max(9.0, 5.0 + 0.5 * len(labels)), 4.2, 1, 2, width_ratios=[max(1.0, 0.4 * len(labels)), 1.6])
     ax, hx = axes[0]
     x = np.arange(len(labels))
     bottom = np.zeros(len(labels))
@@ -318,7 +321,7 @@ def plot_mode_gates(gates: Mapping[str, np.ndarray], path: Path, *, title: str =
     hx.set_title("how decisive the gates are", fontsize=9)
     hx.legend(fontsize=7)
     fig.suptitle(title or "ModeNorm gate usage", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pareto(points: Sequence[tuple[int, float, float]], front: Sequence[int], path: Path, *,
@@ -333,7 +336,7 @@ def plot_pareto(points: Sequence[tuple[int, float, float]], front: Sequence[int]
         names: axis labels (x = objective 0, y = objective 1).
         percent: per axis, format as a percentage of 1.
     """
-    fig, axes = _figure(7.0, 4.8)
+    fig, axes = new_figure(7.0, 4.8)
     ax = axes[0, 0]
     on = set(front)
     rest = [p for p in points if p[0] not in on]
@@ -350,4 +353,4 @@ def plot_pareto(points: Sequence[tuple[int, float, float]], front: Sequence[int]
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     ax.set_title("Pareto front")
-    return _save(fig, path)
+    return save_figure(fig, path)

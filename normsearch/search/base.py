@@ -27,7 +27,7 @@ from normsearch.space.search_space import SearchSpace
 from normsearch.search.progress import SearchProgress
 from normsearch.search.recorder import TrialRecorder
 
-__all__ = ["Backend", "Overhead"]
+__all__ = ["Backend", "Overhead", "Span"]
 
 Span = tuple[float, float]  #: (low, high) seconds
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["EpochReport", "FitResult", "StepTotals", "TrialDiverged"]
+__all__ = ["EpochReport", "EpochStats", "FitResult", "StepTotals", "TrialDiverged"]
 
 
 class TrialDiverged(RuntimeError):
@@ -129,7 +129,7 @@ class StepTotals:
 
 
 @dataclass(frozen=True)
-class _EpochStats:
+class EpochStats:
     """One epoch's training numbers (seconds, images) for :class:`EpochReport`/`FitResult`."""
 
     loss: float

@@ -129,7 +129,7 @@ class EpochLRFactor:
         return warm * main
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     """Wait for queued work on ``device`` so the host clock measures it (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -34,12 +34,12 @@ from normsearch.train.runtime import (
     CompiledForward,
     EpochLRFactor,
     _has_conv2d,
-    _sync,
+    sync_device,
     keep_freed_memory,
     resolve_device,
     set_seed,
 )
-from normsearch.train.records import EpochReport, FitResult, StepTotals, TrialDiverged, _EpochStats
+from normsearch.train.records import EpochReport, FitResult, StepTotals, TrialDiverged, EpochStats
 from normsearch.config import TrainConfig
 from normsearch.norms.standardization import StandardizationLossTap
 
@@ -246,7 +246,7 @@ class Trainer:
         batches = _cycle(train_loader)
         num_parameters = sum(p.numel() for p in self.model.parameters())
         result = FitResult(0.0, 0.0, 0, False, num_parameters=num_parameters)
-        epoch_stats: list[_EpochStats] = []
+        epoch_stats: list[EpochStats] = []
         start = time.perf_counter()
         tap = None
         if self._use_std_loss():
@@ -342,7 +342,7 @@ class Trainer:
 
     def _train_epoch(
         self, epoch: int, steps: int, batches: Iterator, optimizer: torch.optim.Optimizer, tap: Any
-    ) -> "_EpochStats":
+    ) -> "EpochStats":
         """Run ``steps`` optimizer steps; return the epoch's loss, accuracy and timings."""
         device = self.device
         self.model.train()
@@ -356,7 +356,7 @@ class Trainer:
         t_begin = t_timed = time.perf_counter()
         for step in range(1, steps + 1):
             if step == warmup + 1 and warmup > 0:
-                _sync(device)
+                sync_device(device)
                 t_timed, untimed_images = time.perf_counter(), totals.images
             exact = check_every == 1 or (first and step <= _ACCEL_EARLY_CHECKS)
             check = exact or step % check_every == 0 or step == steps
@@ -366,9 +366,9 @@ class Trainer:
                     epoch=epoch,
                     step=step,
                 )
-        _sync(device)
+        sync_device(device)
         t_end = time.perf_counter()
-        return _EpochStats(
+        return EpochStats(
             loss=totals.mean_loss(),
             acc=totals.accuracy(),
             timed_s=t_end - t_timed,
