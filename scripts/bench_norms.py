@@ -24,7 +24,7 @@ Normalizers are given as comma-separated ``name`` or ``name:key=value:key=value`
 parsed as Python literals); a ``+sl`` suffix (e.g. ``none+sl``) adds the standardization loss
 (Collins et al.) of every slot's output with weight 1, as a search space's ``std_loss`` does; an
 ``@plain`` suffix (e.g. ``modenorm:num_components=2@plain``) runs the normalizer without the fused
-CPU kernels of ``normsearch/norms/_cpu_ext.py``, to measure what they save in the same run. Names
+CPU kernels (:func:`normsearch.norms.cpu_kernels_disabled`), to measure what they save in the same run. Names
 not registered (yet) or kwargs a layer rejects are skipped with a note, as is a normalizer that
 raises while being built or warmed up.
 
@@ -52,8 +52,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from normsearch.models import create_model
-from normsearch.norms import _cpu_ext
-from normsearch.norms import StandardizationLossTap, create_norm_layer, list_norms, standardization_loss
+from normsearch.norms import (
+    StandardizationLossTap,
+    cpu_kernels_disabled,
+    create_norm_layer,
+    list_norms,
+    standardization_loss,
+)
 from normsearch.space.surgery import find_norm_slots
 from normsearch.train.trainer import keep_freed_memory
 
@@ -85,7 +90,7 @@ class NormChoice:
 
     def context(self):
         """Where the case runs: without the fused CPU kernels for ``@plain`` cases."""
-        return _cpu_ext.disabled() if self.plain_ops else contextlib.nullcontext()
+        return cpu_kernels_disabled() if self.plain_ops else contextlib.nullcontext()
 
     def norm_layer(self) -> Callable[[int], nn.Module]:
         """``norm_layer(num_features)`` for the model factories (a picklable partial)."""

@@ -8,22 +8,37 @@ class (its metadata lives in the registration, see :func:`register_norm`) plus o
 below, which runs the registration.
 """
 
-from ._registry import DEFAULT_COLORS, NormEntry, create_norm_layer, get_norm_entry, list_norms, norm_entry_of, register_norm
+from ._registry import (
+    DEFAULT_COLORS,
+    RECALIBRATIONS,
+    NormEntry,
+    Recalibration,
+    create_norm_layer,
+    get_norm_entry,
+    list_norms,
+    norm_entry_of,
+    register_norm,
+)
+from .base import AdaptiveNorm2d
 from .basic import GroupNorm2d, InstanceNorm2d, LayerNorm2d, NoNorm
 from .mode import ModeGroupNorm2d, ModeNorm2d
 from .mixture import MixtureNorm2d
 from .switchable import SwitchNorm2d
 from .standardization import StandardizationLossTap, standardization_loss
-from .kernels import build_cpu_kernels, cpu_kernel_kinds
+from .recalibrate import recalibrate, recalibration_of
+from .kernels import build_cpu_kernels, cpu_kernel_kinds, cpu_kernels_disabled
 
 __all__ = [
     "DEFAULT_COLORS",
+    "RECALIBRATIONS",
     "NormEntry",
+    "Recalibration",
     "create_norm_layer",
     "get_norm_entry",
     "list_norms",
     "norm_entry_of",
     "register_norm",
+    "AdaptiveNorm2d",
     "GroupNorm2d",
     "InstanceNorm2d",
     "LayerNorm2d",
@@ -34,6 +49,9 @@ __all__ = [
     "SwitchNorm2d",
     "StandardizationLossTap",
     "standardization_loss",
+    "recalibrate",
+    "recalibration_of",
     "build_cpu_kernels",
     "cpu_kernel_kinds",
+    "cpu_kernels_disabled",
 ]

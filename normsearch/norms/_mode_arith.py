@@ -73,6 +73,35 @@ def mix_modes(gates: Tensor, mu: Tensor, var: Tensor, eps: float) -> tuple[Tenso
     return inv_std, gates @ inv_std, gates @ (mu * inv_std)
 
 
+def mode_gates(mean_n: Tensor, gate_w: Tensor, gate_b: Tensor) -> Tensor:
+    """ModeNorm's gates (Deecke et al., Alg. 1): ``softmax_k(Psi(mean_n))``, Psi the affine gate.
+
+    Args:
+        mean_n: (N, C) per-sample spatial means; the arithmetic runs in their dtype.
+        gate_w: (K, C), gate_b: (K,): Psi's weight and bias (cast to ``mean_n``'s dtype).
+
+    Returns:
+        (N, K) gate probabilities, rows summing to 1.
+    """
+    dtype = mean_n.dtype
+    return torch.softmax(F.linear(mean_n, gate_w.to(dtype), gate_b.to(dtype)), dim=1)
+
+
+def group_gates(mean_c: Tensor, gate_w: Tensor, gate_b: Tensor) -> Tensor:
+    """ModeGroupNorm's channel gates (Deecke et al., Alg. 3), mode-major: ``softmax_k(w_k p + b_k)``.
+
+    Args:
+        mean_c: (N, C) per-(sample, channel) spatial means p; the arithmetic runs in their dtype.
+        gate_w: (K, 1), gate_b: (K,): the scalar gate Psi: R -> R^K.
+
+    Returns:
+        (K, N, C) gate probabilities, summing to 1 over the leading K.
+    """
+    dtype, k = mean_c.dtype, gate_b.numel()
+    gw, gb = gate_w.to(dtype).view(k, 1, 1), gate_b.to(dtype).view(k, 1, 1)
+    return torch.softmax(gw * mean_c + gb, dim=0)
+
+
 class ModeNormAffine(_ManualAffine):
     """MN in training mode (Alg. 1, Eq. 2-3): ``(var_n, mean_n, gate_w, gate_b, weight, bias)`` ->
     ``(scale, shift, mu, var, mass)``.
@@ -86,8 +115,7 @@ class ModeNormAffine(_ManualAffine):
         self.eps = eps
 
     def forward(self, var_n, mean_n, gate_w, gate_b, weight, bias):
-        dtype = mean_n.dtype
-        gates = torch.softmax(F.linear(mean_n, gate_w.to(dtype), gate_b.to(dtype)), dim=1)  # (N, K)
+        gates = mode_gates(mean_n, gate_w, gate_b)  # (N, K)
         mass = gates.sum(dim=0)  # (K,)
         denom = mass.clamp_min(MIN_MASS).unsqueeze(1)  # (K, 1)
         mu = gates.t() @ mean_n / denom  # (K, C), Eq. 3
@@ -145,10 +173,9 @@ class ModeGroupNormAffine(_ManualAffine):
         self.eps = eps
 
     def forward(self, var_c, mean_c, gate_w, gate_b, weight, bias):
-        dtype = mean_c.dtype
         k = gate_b.numel()
-        gw, gb = gate_w.to(dtype).view(k, 1, 1), gate_b.to(dtype).view(k, 1, 1)
-        gates = torch.softmax(gw * mean_c + gb, dim=0)  # (K, N, C)
+        gw = gate_w.to(mean_c.dtype).view(k, 1, 1)
+        gates = group_gates(mean_c, gate_w, gate_b)  # (K, N, C)
         mass = gates.sum(dim=2)  # (K, N)
         denom = mass.clamp_min(MIN_MASS)
         mu = (gates * mean_c).sum(dim=2) / denom  # (K, N)

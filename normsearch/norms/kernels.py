@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Iterable
 
 from normsearch.norms import _cpu_ext
 
-__all__ = ["build_cpu_kernels", "cpu_kernel_kinds"]
+__all__ = ["build_cpu_kernels", "cpu_kernel_kinds", "cpu_kernels_disabled"]
 
 
 def cpu_kernel_kinds() -> frozenset[str]:
@@ -25,3 +26,10 @@ def build_cpu_kernels(kinds: Iterable[str]) -> bool:
     if not set(kinds) & cpu_kernel_kinds():
         return False
     return _cpu_ext.kernels() is not None
+
+
+def cpu_kernels_disabled() -> AbstractContextManager[None]:
+    """Context in which the layers take their plain-op path instead of the fused CPU kernels (sets
+    ``NORMSEARCH_CPU_KERNELS=0`` process-wide, restoring it on exit); for comparisons in tests and
+    benchmarks. The values are the same (tested to 1e-5 in float32)."""
+    return _cpu_ext.disabled()

@@ -34,11 +34,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._gmm import DEFAULT_REG_COVAR, GaussianMixtureParams, fit_gmm
 from ._mixture_kernels import _k_major, _MixtureNormalize, _posteriors, _spread
 from ._registry import register_norm
+from .base import AdaptiveNorm2d
 
 __all__ = ["MixtureNorm2d"]
 
@@ -51,7 +52,7 @@ _MIN_FIT_POINTS = 64  # the subsample for the GMM fit never has fewer points (un
     paper="Kalayeh & Shah, Training Faster by Separating Modes of Variation in Batch-normalized Models, TPAMI 2019",
     short="MixN", color="#bcbd22", fused_kernels="mixture",
 )
-class MixtureNorm2d(nn.Module):
+class MixtureNorm2d(AdaptiveNorm2d):
     """Mixture Normalization of 4-D activations (Kalayeh & Shah, TPAMI 2019, Sec. 3.2).
 
     Training (Eq. 34-37): outside the autograd graph, a diagonal-covariance Gaussian mixture is
@@ -101,13 +102,17 @@ class MixtureNorm2d(nn.Module):
         Input (N, C, H, W) -> output of the same shape.
 
     Raises:
-        ValueError: a hyper-parameter out of range, or an input that is not (N, C, H, W) with
+        ValueError: a hyper-parameter of the wrong type or out of range (the message names it and
+            its value), or (in ``forward``) an input that is not (N, C, H, W) with
             C = ``num_features``.
+        TypeError: (in ``forward``) a non-floating-point input.
     """
 
     #: The GMM fit and the queue checks are data-dependent Python control flow: ``torch.compile``
     #: breaks its graph here, so ``TrainConfig.compile: auto`` leaves models with this layer eager.
     compiles_well = False
+    _repr_fields = ("num_components", "em_iters", "queue_size", "decay", "subsample", "min_weight", "eps",
+                    "affine")
 
     def __init__(
         self,
@@ -121,34 +126,13 @@ class MixtureNorm2d(nn.Module):
         eps: float = 1e-5,
         affine: bool = True,
     ):
-        super().__init__()
-        for name, value, low in (("num_features", num_features, 1), ("num_components", num_components, 1),
-                                 ("em_iters", em_iters, 0), ("queue_size", queue_size, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"mixturenorm: {name} must be an integer >= {low}, got {value!r}")
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"mixturenorm: decay must be in [0, 1], got {decay!r}")
-        if not 0.0 < subsample <= 1.0:
-            raise ValueError(f"mixturenorm: subsample must be in (0, 1], got {subsample!r}")
-        if not 0.0 <= min_weight < 1.0:
-            raise ValueError(f"mixturenorm: min_weight must be in [0, 1), got {min_weight!r}")
-        if not eps > 0:
-            raise ValueError(f"mixturenorm: eps must be > 0, got {eps!r}")
-        self.num_features = num_features
-        self.num_components = num_components
-        self.em_iters = em_iters
-        self.queue_size = queue_size
-        self.decay = float(decay)
-        self.subsample = float(subsample)
-        self.min_weight = float(min_weight)
-        self.eps = float(eps)
-        self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        super().__init__(num_features, eps, affine)
+        self.num_components = self._check_int("num_components", num_components, 1)
+        self.em_iters = self._check_int("em_iters", em_iters, 0)
+        self.queue_size = self._check_int("queue_size", queue_size, 1)
+        self.decay = self._check_number("decay", decay, 0.0, 1.0)
+        self.subsample = self._check_number("subsample", subsample, 0.0, 1.0, low_open=True)
+        self.min_weight = self._check_number("min_weight", min_weight, 0.0, 1.0, high_open=True)
         shape_k, shape_kc = (queue_size, num_components), (queue_size, num_components, num_features)
         # Fitted GMM of each queued batch (posteriors at inference) ...
         self.register_buffer("queue_weights", torch.zeros(shape_k))
@@ -170,18 +154,10 @@ class MixtureNorm2d(nn.Module):
         self.queue_valid.zero_()
         self.queue_ptr.zero_()
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, num_components={self.num_components}, em_iters={self.em_iters}, "
-            f"queue_size={self.queue_size}, decay={self.decay}, subsample={self.subsample}, "
-            f"min_weight={self.min_weight}, eps={self.eps}, affine={self.affine}"
-        )
-
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.num_features:
-            raise ValueError(
-                f"mixturenorm: expected input (N, {self.num_features}, H, W), got {tuple(x.shape)}"
-            )
+        """Normalize ``x`` (N, C, H, W): fit a mixture to the batch (training) or combine the queued
+        ones (evaluation); the output has ``x``'s shape, dtype and memory format."""
+        self._check_input(x)
         dtype = torch.promote_types(x.dtype, torch.float32)
         n, c, h, w = x.shape
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -26,12 +26,12 @@ function is written in plain ops instead, which the compiler fuses.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._mode_arith import ModeGroupNormAffine, ModeNormAffine, fold_affine, mix_modes
+from ._mode_arith import ModeGroupNormAffine, ModeNormAffine, fold_affine, group_gates, mix_modes, mode_gates
 from ._per_sample import _autocast_off, _per_sample_norm, _scale_shift, _stat_dtype
 from ._registry import register_norm
+from .base import AdaptiveNorm2d
 
 __all__ = ["ModeNorm2d", "ModeGroupNorm2d"]
 
@@ -41,13 +41,8 @@ _PAPER = "Deecke, Murray, Bilen. Mode Normalization. ICLR 2019"
 _MIN_RUNNING_COUNT = 2.0
 
 
-def _check_positive_int(value: object, what: str, layer: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{layer}: {what} must be a positive int, got {value!r}")
-
-
-class _ModeMixtureBase(nn.Module):
-    """Shared parts of MN and MGN: argument checks, the per-channel affine and the fused output.
+class _ModeMixtureBase(AdaptiveNorm2d):
+    """Shared parts of MN and MGN: the gate network, the per-channel affine and the fused output.
 
     Subclasses define the gating network Psi as ``self.gate`` (an ``nn.Linear``).
 
@@ -60,33 +55,14 @@ class _ModeMixtureBase(nn.Module):
     """
 
     def __init__(self, num_features: int, num_components: int, eps: float, affine: bool):
-        super().__init__()
-        name = type(self).__name__
-        _check_positive_int(num_features, "num_features", name)
-        _check_positive_int(num_components, "num_components", name)
-        if not eps > 0:
-            raise ValueError(f"{name}: eps must be > 0, got {eps!r}")
-        self.num_features = num_features
-        self.num_components = num_components
-        self.eps = float(eps)
-        self.affine = bool(affine)
-        if self.affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        super().__init__(num_features, eps, affine)
+        self.num_components = self._check_int("num_components", num_components, 1)
 
-    def _check_input(self, x: Tensor) -> None:
-        name = type(self).__name__
-        if x.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
-        if x.size(1) != self.num_features:
-            raise ValueError(
-                f"{name}: expected {self.num_features} channels, got input of shape {tuple(x.shape)}"
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point input, got {x.dtype}")
+    def reset_parameters(self) -> None:
+        """Reset the running statistics, the affine (1, 0) and the gate (``nn.Linear``'s default
+        initialization, which draws from torch's global RNG)."""
+        super().reset_parameters()
+        self.gate.reset_parameters()
 
     def _params(self) -> tuple[Tensor | None, ...]:
         """The tensors the mode arithmetic differentiates: gate weight and bias, affine weight and bias."""
@@ -118,7 +94,8 @@ class ModeNorm2d(_ModeMixtureBase):
     Test (Alg. 2): the gates are computed the same way and every mode normalizes with its running
     estimators. With K = 1 the gate is identically 1 and the layer equals ``nn.BatchNorm2d`` in
     training and evaluation. The gate keeps ``nn.Linear``'s default initialization (the paper gives
-    none). Cost: two reductions and one ``x * scale + shift`` pass over the input, whatever K.
+    none). :meth:`gates` returns the (N, K) gates of an input. Cost: two reductions and one
+    ``x * scale + shift`` pass over the input, whatever K.
 
     Running estimators -- where this differs from the paper. Alg. 2 keeps running averages of the
     moments ``<x>_k`` and ``<x^2>_k`` and forms ``sigma_k^2 = <x^2>_k - <x>_k^2`` from them. That can
@@ -154,10 +131,13 @@ class ModeNorm2d(_ModeMixtureBase):
         Buffers: ``running_mean`` and ``running_var`` (K, C), ``num_batches_tracked`` ().
 
     Raises:
-        ValueError: non-positive ``num_features``/``num_components``/``eps``, ``momentum`` outside
-            [0, 1], or (in ``forward``) an input that is not (N, C, H, W) with C = num_features.
+        ValueError: ``num_features``/``num_components`` not an int >= 1, ``eps`` not > 0,
+            ``momentum`` outside [0, 1] and not None (the message names the argument and value), or
+            (in ``forward``) an input that is not (N, C, H, W) with C = num_features.
         TypeError: (in ``forward``) a non-floating-point input.
     """
+
+    _repr_fields = ("num_components", "eps", "momentum", "affine")
 
     def __init__(
         self,
@@ -168,9 +148,7 @@ class ModeNorm2d(_ModeMixtureBase):
         affine: bool = True,
     ):
         super().__init__(num_features, num_components, eps, affine)
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"ModeNorm2d: momentum must be in [0, 1] or None, got {momentum!r}")
-        self.momentum = momentum
+        self.momentum = self._check_number("momentum", momentum, 0.0, 1.0, optional=True)
         self.gate = nn.Linear(num_features, num_components)
         self.register_buffer("running_mean", torch.zeros(num_components, num_features))
         self.register_buffer("running_var", torch.ones(num_components, num_features))
@@ -182,6 +160,30 @@ class ModeNorm2d(_ModeMixtureBase):
         self.running_var.fill_(1.0)
         self.num_batches_tracked.zero_()
 
+    def gates(self, x: Tensor) -> Tensor:
+        """Gate probabilities ``g[n, k] = softmax_k(Psi(mean_{H,W} x_n))`` of every sample (Alg. 1-2;
+        the same in training and evaluation), computed as :meth:`forward` computes them
+        (:func:`~normsearch.norms._mode_arith.mode_gates`, float32 for float16/bfloat16 input,
+        autocast off). Differentiable; wrap in ``torch.no_grad()`` to inspect.
+
+        Args:
+            x: (N, C, H, W) input of the layer.
+
+        Returns:
+            (N, K) gates in the statistics dtype (float32, or float64 for float64 input), every row
+            summing to 1.
+
+        Raises:
+            ValueError: ``x`` is not (N, C, H, W) with C = ``num_features``.
+            TypeError: ``x`` is not floating point.
+        """
+        self._check_input(x)
+        with _autocast_off(x):
+            return self._gates(x)
+
+    def _gates(self, x: Tensor) -> Tensor:
+        return mode_gates(x.mean(dim=(2, 3), dtype=_stat_dtype(x)), self.gate.weight, self.gate.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         """Normalize ``x`` (N, C, H, W) with batch (training) or running (eval) mode estimators."""
         self._check_input(x)
@@ -190,9 +192,8 @@ class ModeNorm2d(_ModeMixtureBase):
                 y, mu, var, mass = _per_sample_norm(x, ModeNormAffine(self.eps), *self._params())
                 self._update_running(mu, var, mass, x.size(2) * x.size(3))
                 return y
-            mean_n = x.mean(dim=(2, 3), dtype=_stat_dtype(x))
-            dtype = mean_n.dtype
-            gates = torch.softmax(F.linear(mean_n, self.gate.weight.to(dtype), self.gate.bias.to(dtype)), dim=1)
+            gates = self._gates(x)
+            dtype = gates.dtype
             _, a, b = mix_modes(gates, self.running_mean.to(dtype), self.running_var.to(dtype), self.eps)
             scale, shift = fold_affine(a, b, self.weight, self.bias)
             if torch.is_grad_enabled() or torch.compiler.is_compiling():  # plain differentiable ops
@@ -221,11 +222,6 @@ class ModeNorm2d(_ModeMixtureBase):
         self.running_mean.lerp_(mu.to(buf), weight.to(buf))
         self.running_var.lerp_((var * bessel.unsqueeze(1)).to(buf), weight.to(buf))
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
-            f"momentum={self.momentum}, affine={self.affine}"
-        )
 
 
 @register_norm(
@@ -254,6 +250,8 @@ class ModeGroupNorm2d(_ModeMixtureBase):
     run over the group's channels *and* space; the pooled reading would ignore all spatial
     variation (a variance of channel means) and K = 1 would not be GroupNorm. With this reading
     K = 1 equals ``nn.GroupNorm(1, C)`` (LayerNorm over C, H, W with a per-channel affine).
+    :meth:`gates` returns the (N, C, K) channel gates of an input. No running statistics
+    (``track_running_stats`` is False).
 
     Computed with the same one-pass form as :class:`ModeNorm2d`; statistics in float32 for
     float16/bfloat16 input, output in the input's dtype and memory format.
@@ -268,10 +266,14 @@ class ModeGroupNorm2d(_ModeMixtureBase):
         Input: (N, C, H, W). Output: (N, C, H, W), same dtype and memory format.
 
     Raises:
-        ValueError: non-positive ``num_features``/``num_components``/``eps``, or (in ``forward``) an
-            input that is not (N, C, H, W) with C = num_features.
+        ValueError: ``num_features``/``num_components`` not an int >= 1 or ``eps`` not > 0 (the
+            message names the argument and value), or (in ``forward``) an input that is not
+            (N, C, H, W) with C = num_features.
         TypeError: (in ``forward``) a non-floating-point input.
     """
+
+    _repr_fields = ("num_components", "eps", "affine")
+    track_running_stats = False  # per-sample statistics only
 
     def __init__(
         self, num_features: int, num_components: int = 2, eps: float = 1e-5, affine: bool = True
@@ -279,14 +281,33 @@ class ModeGroupNorm2d(_ModeMixtureBase):
         super().__init__(num_features, num_components, eps, affine)
         self.gate = nn.Linear(1, num_components)
 
+    def gates(self, x: Tensor) -> Tensor:
+        """Channel gate probabilities ``g[n, c, k] = softmax_k(Psi(mean_{H,W} x_{n,c}))`` (Alg. 3),
+        computed as :meth:`forward` computes them (:func:`~normsearch.norms._mode_arith.group_gates`,
+        float32 for float16/bfloat16 input, autocast off). Differentiable; wrap in
+        ``torch.no_grad()`` to inspect.
+
+        The spatial means come from ``x.mean``; the training kernel's moments (one fused pass) can
+        differ from them by float rounding.
+
+        Args:
+            x: (N, C, H, W) input of the layer.
+
+        Returns:
+            (N, C, K) gates in the statistics dtype (float32, or float64 for float64 input), summing
+            to 1 over the last dimension.
+
+        Raises:
+            ValueError: ``x`` is not (N, C, H, W) with C = ``num_features``.
+            TypeError: ``x`` is not floating point.
+        """
+        self._check_input(x)
+        with _autocast_off(x):
+            mean_c = x.mean(dim=(2, 3), dtype=_stat_dtype(x))
+            return group_gates(mean_c, self.gate.weight, self.gate.bias).permute(1, 2, 0)
+
     def forward(self, x: Tensor) -> Tensor:
         """Normalize every sample of ``x`` (N, C, H, W) with its own gated channel modes."""
         self._check_input(x)
         with _autocast_off(x):
             return _per_sample_norm(x, ModeGroupNormAffine(self.eps), *self._params())[0]
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
-            f"affine={self.affine}"
-        )

@@ -15,14 +15,13 @@ mixing of Eq. 3-5 on (N, C) tensors has a hand-derived gradient (:mod:`._switch_
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import Tensor, nn
 
 from ._per_sample import _autocast_off, _per_sample_norm, _stat_dtype
 from ._switch_arith import KINDS, SwitchNormAffine, scope_stats
 from ._registry import register_norm
+from .base import AdaptiveNorm2d
 
 @register_norm(
     "switchnorm",
@@ -31,7 +30,7 @@ from ._registry import register_norm
     short="SN", color="#d62728", fused_kernels="per_sample", recalibration="batch_average",
     report_figure="switchnorm_weights",
 )
-class SwitchNorm2d(nn.Module):
+class SwitchNorm2d(AdaptiveNorm2d):
     """Switchable Normalization of 4-D activations (Luo et al., ICLR 2019, Eq. 3-5).
 
     ``y = weight * (x - sum_k w_k mu_k) / sqrt(sum_k w'_k var_k + eps) + bias`` with
@@ -60,8 +59,8 @@ class SwitchNorm2d(nn.Module):
           leave them alone; after training, freeze the network, call :meth:`start_batch_average`,
           run training-mode forwards on some mini-batches (each batch's BN mean and unbiased
           variance are accumulated with equal weight), then :meth:`finalize_batch_average`, which
-          writes the averages into the running buffers. :func:`finalize_batch_average` does all of
-          it for a whole model. Until then eval uses whatever the buffers hold (initially mean 0,
+          writes the averages into the running buffers. :func:`normsearch.norms.recalibrate` does
+          all of it for a whole model. Until then eval uses whatever the buffers hold (initially mean 0,
           variance 1). Between start and finalize the moving average is not updated either.
 
     Sparse SN (Sec. 2.1, "Variants of SN"): with ``sparse=True`` the mean and the variance each
@@ -84,26 +83,22 @@ class SwitchNorm2d(nn.Module):
         float32 (float64 for float64 input), also under bf16/fp16 autocast.
 
     Raises:
-        ValueError: invalid ``num_features``, ``eps`` or ``momentum``; input not 4-D or with the
-            wrong channel count.
+        ValueError: ``num_features`` not an int >= 1, ``eps`` not > 0 or ``momentum`` outside
+            [0, 1] (the message names the argument and value); (in ``forward``) an input not 4-D or
+            with the wrong channel count.
+        TypeError: (in ``forward``) a non-floating-point input.
     """
+
+    _repr_fields = ("eps", "momentum", "using_moving_average", "using_bn", "last_gamma", "sparse")
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
                  using_moving_average: bool = True, using_bn: bool = True,
                  last_gamma: bool = False, sparse: bool = False):
-        super().__init__()
-        if not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"switchnorm: num_features must be a positive int, got {num_features!r}")
-        if not eps > 0:
-            raise ValueError(f"switchnorm: eps must be > 0, got {eps!r}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"switchnorm: momentum must be in [0, 1], got {momentum!r}")
-        self.num_features, self.eps, self.momentum = num_features, float(eps), float(momentum)
+        super().__init__(num_features, eps, affine=True)
+        self.momentum = self._check_number("momentum", momentum, 0.0, 1.0)
         self.using_moving_average, self.using_bn = bool(using_moving_average), bool(using_bn)
         self.last_gamma, self.sparse = bool(last_gamma), bool(sparse)
         num_kinds = 3 if using_bn else 2
-        self.weight = nn.Parameter(torch.empty(num_features))
-        self.bias = nn.Parameter(torch.empty(num_features))
         self.mean_weight = nn.Parameter(torch.empty(num_kinds))
         self.var_weight = nn.Parameter(torch.empty(num_kinds))
         self.register_buffer("running_mean", torch.zeros(num_features) if using_bn else None)
@@ -113,15 +108,26 @@ class SwitchNorm2d(nn.Module):
         self._avg_batches = 0
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Reset affine parameters, importance logits (uniform) and running statistics."""
-        nn.init.constant_(self.weight, 0.0 if self.last_gamma else 1.0)
-        nn.init.zeros_(self.bias)
-        nn.init.ones_(self.mean_weight)
-        nn.init.ones_(self.var_weight)
+    @property
+    def track_running_stats(self) -> bool:
+        """Whether the layer has BN running statistics (``using_bn``)."""
+        return self.using_bn
+
+    def reset_running_stats(self) -> None:
+        """BN running mean to 0 and running variance to 1 (nothing without ``using_bn``). A batch
+        average in progress (:meth:`start_batch_average`) keeps accumulating."""
         if self.using_bn:
             self.running_mean.zero_()
             self.running_var.fill_(1.0)
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics, the affine parameters (``weight`` 1, or 0 with
+        ``last_gamma``; ``bias`` 0) and the importance logits (uniform)."""
+        super().reset_parameters()
+        if self.last_gamma:
+            nn.init.zeros_(self.weight)
+        nn.init.ones_(self.mean_weight)
+        nn.init.ones_(self.var_weight)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -129,9 +135,8 @@ class SwitchNorm2d(nn.Module):
         return KINDS[: self.mean_weight.numel()]
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.num_features:
-            raise ValueError(f"SwitchNorm2d({self.num_features}) expects input (N, {self.num_features}, H, W), "
-                             f"got shape {tuple(x.shape)}")
+        """Normalize ``x`` (N, C, H, W) by Eq. 3; the output has ``x``'s shape, dtype and memory format."""
+        self._check_input(x)
         with _autocast_off(x):
             return self._normalize(x)
 
@@ -220,10 +225,6 @@ class SwitchNorm2d(nn.Module):
         return {"mean": self.kinds[int(self.mean_weight.argmax())],
                 "var": self.kinds[int(self.var_weight.argmax())]}
 
-    def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"using_moving_average={self.using_moving_average}, using_bn={self.using_bn}, "
-                f"last_gamma={self.last_gamma}, sparse={self.sparse}")
 
 
 def to_sparse(model: nn.Module, sparse: bool = True) -> nn.Module:
@@ -238,55 +239,3 @@ def to_sparse(model: nn.Module, sparse: bool = True) -> nn.Module:
 def collect_importance(model: nn.Module) -> dict[str, dict[str, dict[str, float]]]:
     """``{module label: layer.importance()}`` for every :class:`SwitchNorm2d` (cf. SN Fig. 7)."""
     return {name: m.importance() for name, m in model.named_modules() if isinstance(m, SwitchNorm2d)}
-
-
-def finalize_batch_average(model: nn.Module, batches: Iterable[Tensor | tuple | list]) -> int:
-    """Batch average (SN App. A) for every :class:`SwitchNorm2d` with ``using_bn`` in ``model``.
-
-    Runs ``model`` on each batch under ``torch.no_grad`` with the SN layers in training mode and
-    every other module in eval mode (dropout off; plain BatchNorm layers keep their running
-    statistics), then writes each SN layer's averaged batch statistics into its running buffers.
-    Every module's training flag is restored afterwards, also on error (the partial averages are
-    then dropped).
-
-    Args:
-        batches: iterable of input tensors (N, C, H, W), or of tuples/lists whose first item is
-            the input (as a ``DataLoader`` yields); moved to the model's device.
-
-    Returns:
-        Number of batches used.
-
-    Raises:
-        ValueError: no SN layer with ``using_bn=True`` in ``model``, or ``batches`` is empty.
-        TypeError: a batch is not a tensor.
-    """
-    layers = [m for m in model.modules() if isinstance(m, SwitchNorm2d) and m.using_bn]
-    if not layers:
-        raise ValueError("finalize_batch_average: model has no SwitchNorm2d layer with using_bn=True")
-    flags = {m: m.training for m in model.modules()}
-    device = layers[0].running_mean.device
-    try:
-        model.eval()
-        for layer in layers:
-            layer.train()
-            layer.start_batch_average()
-        count = 0
-        with torch.no_grad():
-            for batch in batches:
-                x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
-                if not isinstance(x, Tensor):
-                    raise TypeError(f"finalize_batch_average: batches must yield tensors, got {type(x).__name__}")
-                model(x.to(device))
-                count += 1
-        if count == 0:
-            raise ValueError("finalize_batch_average: batches is empty")
-        for layer in layers:
-            layer.finalize_batch_average()
-        return count
-    except BaseException:
-        for layer in layers:
-            layer.cancel_batch_average()
-        raise
-    finally:
-        for module, flag in flags.items():
-            module.training = flag

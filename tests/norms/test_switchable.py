@@ -10,13 +10,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from normsearch.norms import create_norm_layer
-from normsearch.norms.switchable import (
-    SwitchNorm2d,
-    collect_importance,
-    finalize_batch_average,
-    to_sparse,
-)
+from normsearch.norms import create_norm_layer, recalibrate
+from normsearch.norms.switchable import SwitchNorm2d, collect_importance, to_sparse
 
 F64 = torch.float64
 Tensor = torch.Tensor
@@ -263,12 +258,12 @@ def _two_sn_model():
 
 
 @pytest.mark.parametrize("start_training", [True, False])
-def test_finalize_batch_average_on_model(start_training):
+def test_recalibrate_switchnorm_layers_by_batch_average(start_training):
     model = _two_sn_model()
     model.train(start_training)
     bn_before = model[6].running_mean.clone()
     batches = [rand(n, 2, 4, 4) for n in (3, 4)]
-    assert finalize_batch_average(model, [(x, torch.zeros(len(x))) for x in batches]) == 2
+    assert recalibrate(model, [(x, torch.zeros(len(x))) for x in batches], modules=[model[1], model[5]]) == 2
     assert all(m.training == start_training for m in model.modules())
     torch.testing.assert_close(model[6].running_mean, bn_before)  # plain BN ran in eval mode
     model.train()
@@ -282,16 +277,32 @@ def test_finalize_batch_average_on_model(start_training):
         torch.testing.assert_close(model[idx].running_var, want_var, atol=1e-10, rtol=0)
 
 
-def test_finalize_batch_average_errors_restore_state():
+def test_recalibrate_whole_model_also_averages_batchnorm_and_restores_its_momentum():
+    model = _two_sn_model().eval()
+    batches = [rand(n, 2, 4, 4) for n in (3, 4, 5)]
+    assert recalibrate(model, batches) == 3
+    assert model[6].momentum == 0.1 and not any(m.training for m in model.modules())
+    model.train()
+    model[3].eval()
+    model[6].eval()  # read BN's input without touching it
+    with torch.no_grad():
+        inputs = [model[:6](x) for x in batches]
+    want_mean = torch.stack([h.mean((0, 2, 3)) for h in inputs]).mean(0)  # cumulative average
+    want_var = torch.stack([h.var((0, 2, 3)) for h in inputs]).mean(0)
+    torch.testing.assert_close(model[6].running_mean, want_mean, atol=1e-10, rtol=0)
+    torch.testing.assert_close(model[6].running_var, want_var, atol=1e-10, rtol=0)
+
+
+def test_recalibrate_errors_restore_state():
     model = _two_sn_model().train()
     with pytest.raises(ValueError, match="empty"):
-        finalize_batch_average(model, [])
+        recalibrate(model, [])
     with pytest.raises(TypeError, match="tensors"):
-        finalize_batch_average(model, ["not a tensor"])
+        recalibrate(model, ["not a tensor"])
     assert all(m.training for m in model.modules())
-    assert model[1]._avg_mean_sum is None
-    with pytest.raises(ValueError, match="no SwitchNorm2d"):
-        finalize_batch_average(nn.Sequential(nn.BatchNorm2d(2)), [torch.randn(2, 2, 2, 2)])
+    assert model[1]._avg_mean_sum is None and model[6].momentum == 0.1
+    # nothing with running statistics: nothing runs, the batches are not read
+    assert recalibrate(nn.Sequential(nn.GroupNorm(1, 2), SwitchNorm2d(2, using_bn=False)), ["unread"]) == 0
 
 
 # ---------------------------------------------------------------- sparse mode and importance report
