@@ -58,21 +58,16 @@ def validation_images(cfg: StudyConfig, count: int) -> torch.Tensor:
 
 
 class _GateRecorder:
-    """Forward hook recomputing a ModeNorm2d/ModeGroupNorm2d layer's gates from its input.
-
-    The gates are ``softmax(Psi(mean_{H,W} x))`` with ``Psi = layer.gate`` (Deecke, Murray,
-    Bilen, *Mode Normalization*, ICLR 2019, Alg. 1-3; the same in training and evaluation):
-    per image for ModeNorm2d, (N, K); per image and channel for ModeGroupNorm2d, (N*C, K).
-    """
+    """Forward hook keeping a ModeNorm2d/ModeGroupNorm2d layer's gates on its input, from the
+    layer's own :meth:`~normsearch.norms.ModeNorm2d.gates` (the forward's formula, Alg. 1-3):
+    (N, K) per image for ModeNorm2d; (N*C, K) per image and channel for ModeGroupNorm2d."""
 
     def __init__(self) -> None:
         self.gates: list[torch.Tensor] = []
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        mean = inputs[0].mean(dim=(2, 3)).to(module.gate.weight.dtype)
-        if isinstance(module, ModeGroupNorm2d):
-            mean = mean.reshape(-1, 1)
-        self.gates.append(torch.softmax(module.gate(mean), dim=-1).cpu())
+        gates = module.gates(inputs[0])
+        self.gates.append(gates.reshape(-1, gates.shape[-1]).float().cpu())
 
 
 @torch.no_grad()

@@ -182,9 +182,9 @@ def test_recalibrate_switchnorm_uses_its_batch_average(trained):
     net.set_sample(actions)
     batches = [batch(20), batch(21) * 3]
     reference = child_from_supernet(net, actions)
-    from normsearch.norms.switchable import finalize_batch_average
+    from normsearch.norms import recalibrate as recalibrate_model  # the standalone child, every layer
 
-    finalize_batch_average(reference, batches)
+    recalibrate_model(reference, batches)
     recalibrate(net, batches)
     got = child_from_supernet(net, actions).state_dict()
     for key, value in reference.state_dict().items():

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from normsearch.models import create_model
-from normsearch.norms import norm_entry_of
+from normsearch.norms import recalibrate as recalibrate_norms
 from normsearch.space.spec import ModelSpec, NormSpec
 from normsearch.space.surgery import find_norm_slots, model_from_spec
 
@@ -195,37 +194,13 @@ def child_from_supernet(supernet: Supernet, actions: Mapping[str, int]) -> nn.Mo
     return child.to(device).train(supernet.training)
 
 
-def _batch_averaged(module: nn.Module) -> bool:
-    """Whether ``module`` is a normalizer registered with ``recalibration="batch_average"``."""
-    entry = norm_entry_of(module)
-    return entry is not None and entry.recalibration == "batch_average"
-
-
-def _has_running_stats(module: nn.Module) -> bool:
-    if _batch_averaged(module):
-        return getattr(module, "running_mean", None) is not None
-    return callable(getattr(module, "reset_running_stats", None)) and getattr(module, "track_running_stats", True)
-
-
-@torch.no_grad()
 def recalibrate(model: nn.Module, batches: Iterable[Any]) -> int:
     """Re-estimate the running statistics of every normalizer a forward pass of ``model`` uses.
 
     For a :class:`Supernet` these are the active child's normalizers (and the unsearched slots);
-    the inactive candidates are untouched. Protocol, per layer, as the layer's ``register_norm``
-    ``recalibration`` says (:data:`normsearch.norms._registry.Recalibration`):
-
-    * ``"batch_average"`` (:class:`~normsearch.norms.SwitchNorm2d`; layers with a ``running_mean``
-      only): its batch average (Luo et al., App. A): ``start_batch_average`` ...
-      ``finalize_batch_average`` (``cancel_batch_average`` on error).
-    * ``"running_stats"`` (the default; also any unregistered layer) for a layer with
-      ``reset_running_stats()``: reset; a ``momentum`` attribute is set to ``None`` meanwhile,
-      which in PyTorch's convention (``nn.BatchNorm2d``, ``ModeNorm2d``) is the cumulative
-      average, so every batch weighs the same; MixtureNorm's queue refills with the batches'
-      mixtures (its ``decay`` weighting applies).
-
-    The model runs in eval mode except those layers (training mode), under ``no_grad``; every
-    module's mode and every momentum are restored afterwards, also on error.
+    the inactive candidates are untouched. Each layer follows its registered protocol
+    (:func:`normsearch.norms.recalibrate`, which this calls with the child's
+    :func:`active_modules`): SwitchNorm's batch average, a cumulative re-estimate otherwise.
 
     Args:
         model: a :class:`Supernet` with its sample set, or any model.
@@ -238,39 +213,4 @@ def recalibrate(model: nn.Module, batches: Iterable[Any]) -> int:
     Raises:
         ValueError: ``batches`` is empty while some layer needs it.
     """
-    layers = [m for m in active_modules(model) if _has_running_stats(m)]
-    if not layers:
-        return 0
-    averaged = [m for m in layers if _batch_averaged(m)]
-    flags = {m: m.training for m in model.modules()}
-    momenta = {m: m.momentum for m in layers if m not in averaged and hasattr(m, "momentum")}
-    device = next(iter(model.parameters())).device
-    try:
-        model.eval()
-        for layer in layers:
-            layer.train()
-            if layer in averaged:
-                layer.start_batch_average()
-            else:
-                layer.reset_running_stats()
-        for layer in momenta:
-            layer.momentum = None
-        count = 0
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device))
-            count += 1
-        if count == 0:
-            raise ValueError("recalibrate: batches is empty")
-        for layer in averaged:
-            layer.finalize_batch_average()
-        return count
-    except BaseException:
-        for layer in averaged:
-            layer.cancel_batch_average()
-        raise
-    finally:
-        for layer, momentum in momenta.items():
-            layer.momentum = momentum
-        for module, flag in flags.items():
-            module.training = flag
+    return recalibrate_norms(model, batches, modules=active_modules(model))
