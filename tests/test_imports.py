@@ -190,6 +190,19 @@ def test_the_recorder_calls_no_storage_method():
     assert calls == [], f"the recorder reaches into the storage: {calls}"
 
 
+def test_only_the_recorder_writes_into_a_study():
+    writers = {"set_user_attr", "set_system_attr", "enqueue_trial", "tell", "add_trial", "add_trials"}
+    allowed = {PACKAGE / "search" / "recorder.py", PACKAGE / "search" / "_optuna_compat.py"}
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in writers:
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {ast.unparse(node.func)}")
+    assert found == [], f"write through normsearch.search.TrialRecorder instead: {found}"
+
+
 def test_search_exports_its_public_api():
     from normsearch.search import Backend, TrialRecorder, list_backends, register_backend
 
