@@ -36,6 +36,7 @@ from normsearch.data import TensorLoader, TensorSplit, get_dataset_info
 from normsearch.data.sizes import data_note, n_test_images, split_sizes
 from normsearch.prepare import Prepared, ensure_prepared
 from normsearch.search.base import Overhead, Span
+from normsearch.search.machine_costs import python_import_s
 from normsearch.space import Categorical, Domain, ModelSpec, Range, SearchSpace, model_from_spec
 from normsearch.train import Trainer, resolve_device
 
@@ -52,12 +53,15 @@ class ChoiceCost(NamedTuple):
 @dataclass(frozen=True)
 class Timing:
     """Measured cost of one configuration (``name``: ``cheapest`` or ``most expensive``): seconds per
-    training step at ``train.batch_size`` (warm-up excluded) and per evaluated image."""
+    training step at ``train.batch_size`` (warm-up excluded), per evaluated image, and what a fresh
+    model's first steps cost beyond steady ones (``warmup_s``: allocation, first kernels; a trial
+    pays it once)."""
 
     name: str
     spec: ModelSpec
     step_s: float
     eval_s_per_image: float
+    warmup_s: float = 0.0
 
 
 @dataclass
@@ -75,6 +79,9 @@ class Estimate:
         notes: warnings (missing data, no GPU for gpus_per_trial, cluster, time limit).
         overhead: the backend's start-up seconds per stage and overhead seconds per trial,
             included in ``search_s`` and ``confirm_s``.
+        fixed_s: what the command pays outside the stages: the interpreter's start and imports
+            (measured once per machine, :func:`normsearch.search.machine_costs.python_import_s`)
+            and this estimate's own measurement; included in :attr:`total_s`.
     """
 
     trials: int
@@ -88,10 +95,11 @@ class Estimate:
     confirm: str = ""
     notes: list[str] = field(default_factory=list)
     overhead: Overhead = Overhead()
+    fixed_s: float = 0.0
 
     @property
-    def total_s(self) -> tuple[float, float]:  # (low, high) of search + confirmation
-        return self.search_s[0] + self.confirm_s[0], self.search_s[1] + self.confirm_s[1]
+    def total_s(self) -> tuple[float, float]:  # (low, high) of the command: fixed + search + confirmation
+        return (self.fixed_s + self.search_s[0] + self.confirm_s[0], self.fixed_s + self.search_s[1] + self.confirm_s[1])
 
     def line(self) -> str:
         """One line, e.g. ``64 trials x 160 epochs, 4 at a time: 9.5 h to 31 h on this machine (cpu); ...``."""
@@ -195,10 +203,14 @@ def time_config(cfg: StudyConfig, spec: ModelSpec, name: str, steps: int, thread
                                     "optimizer": tc.optimizer.model_copy(update={"lr": 1e-6})})
     trainer = Trainer(_model(cfg, spec), run_cfg, std_loss_layers=spec.std_loss_layers, std_loss_weight=spec.std_loss_weight,
                       device=device)
+    t0 = time.perf_counter()
     fit = trainer.fit(train, val)
+    fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     trainer.evaluate(val)
-    return Timing(name, spec, fit.step_time_s, (time.perf_counter() - t0) / n_eval)
+    eval_s = time.perf_counter() - t0
+    warmup_s = max(0.0, fit_s - steps * fit.step_time_s - eval_s)  # the untimed first steps' extra cost
+    return Timing(name, spec, fit.step_time_s, eval_s / n_eval, warmup_s)
 
 
 # the arithmetic
@@ -234,7 +246,7 @@ def estimate(prepared: Prepared, timings: tuple[Timing, Timing]) -> Estimate:
     eval_s = (timings[0].eval_s_per_image, timings[1].eval_s_per_image)
     s, e = cfg.search, cfg.train.epochs
     conc = backend.concurrency(cfg, notes)
-    overhead = backend.overhead_seconds(cfg)
+    overhead = backend.overhead_seconds(cfg, max(t.warmup_s for t in timings))
     train_s, schedule = backend.search_seconds(cfg, epoch_s, eval_s, n_val, conc)
     waves = math.ceil(s.n_trials / conc)
     search = tuple(x + overhead.startup_s + waves * overhead.per_trial_s for x in train_s)
@@ -290,6 +302,7 @@ def check(target: "Prepared | StudyConfig", steps: int = 4) -> CheckResult:
     """
     if steps < 3:
         raise ValueError(f"steps must be >= 3 (2 are warm-up), got {steps}")
+    started = time.perf_counter()
     prepared = ensure_prepared(target, data=False)
     cfg, space = prepared.cfg, prepared.space
     threads = torch.get_num_threads()
@@ -305,6 +318,7 @@ def check(target: "Prepared | StudyConfig", steps: int = 4) -> CheckResult:
     finally:
         torch.set_num_threads(threads)
     est = estimate(prepared, timings)
+    est.fixed_s = python_import_s() + time.perf_counter() - started
     est.notes[:0] = [note for note in [data_note(cfg), *prepared.notes] if note]
     return CheckResult(prepared, choices, timings, est)
 

@@ -100,21 +100,25 @@ def test_concurrency(tmp_path, monkeypatch):
 
 def test_estimate_arithmetic(tmp_path, monkeypatch):
     monkeypatch.setattr(ray_backend.os, "cpu_count", lambda: 4)
+    start, per_trial = 7.0, 1.5  # the backend's overhead (measured per machine): pinned here
+    monkeypatch.setattr(ray_backend.RayBackend, "overhead_seconds",
+                        lambda self, cfg, warmup_s: ray_backend.Overhead(start, per_trial + warmup_s))
     cfg = tiny(tmp_path, search={"backend": "ray", "n_trials": 6, "references": ["batchnorm"],
                                  "ray": {"cpus_per_trial": 2, "scheduler": "fifo"}},
                final={"top_k": 2, "seeds": 2, "epochs": 5})
-    timings = (est.Timing("cheapest", ModelSpec(), 0.5, 0.001), est.Timing("most expensive", ModelSpec(), 2.0, 0.004))
+    timings = (est.Timing("cheapest", ModelSpec(), 0.5, 0.001, 0.25), est.Timing("most expensive", ModelSpec(), 2.0, 0.004))
     e = est.estimate(prepare(cfg, data=False), timings)
+    per_trial += 0.25  # the larger warm-up of the two
     steps = math.ceil(256 / 32)  # data not on disk: train_size caps the official 60000 - 128
     epoch = (steps * 0.5 + 128 * 0.001, steps * 2.0 + 128 * 0.004)
     assert e.epoch_s == pytest.approx(epoch)
     assert e.concurrent == 2
-    assert e.search_s == pytest.approx(tuple(6 * 3 / 2 * x for x in epoch))
+    assert e.search_s == pytest.approx(tuple(6 * 3 / 2 * x + start + 3 * per_trial for x in epoch))  # 3 waves
     runs = (2 + 1) * 2  # top_k + references, x seeds
     n_test = cfg.data.test_size or 10000  # Fashion-MNIST's test split, tested once per run in its worker
-    assert e.confirm_s == pytest.approx(tuple(math.ceil(runs / 2) * (5 * x + n_test * per_image)
+    assert e.confirm_s == pytest.approx(tuple(math.ceil(runs / 2) * (5 * x + n_test * per_image + per_trial) + start
                                               for x, per_image in zip(epoch, (0.001, 0.004))))
-    assert e.total_s == pytest.approx(tuple(a + b for a, b in zip(e.search_s, e.confirm_s)))
+    assert e.total_s == pytest.approx(tuple(e.fixed_s + a + b for a, b in zip(e.search_s, e.confirm_s)))
     line = e.line()
     assert line.startswith("6 trials x 3 epochs, 2 at a time: ") and "on this machine (cpu)" in line
     assert "confirmation included: 6 runs x 5 epochs" in line and "\n" not in line

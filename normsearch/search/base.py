@@ -124,9 +124,16 @@ class Backend(ABC):
         span = tuple(max(n * trials / concurrent, e) * es for n, es in zip((lo_ep, hi_ep), epoch_s))
         return (span[0], span[1]), schedule
 
-    def overhead_seconds(self, cfg: StudyConfig) -> Overhead:
-        """Fixed costs of one stage besides training (default: none measured for in-process trials)."""
-        return Overhead()
+    def overhead_seconds(self, cfg: StudyConfig, warmup_s: float) -> Overhead:
+        """Fixed costs of one stage besides training and evaluation.
+
+        Args:
+            warmup_s: what a fresh model's first training steps cost beyond steady ones on this
+                machine (measured by the estimate), seconds.
+
+        The default (trials in this process): no start-up, and each trial pays ``warmup_s``.
+        """
+        return Overhead(0.0, warmup_s)
 
     @abstractmethod
     def run_search(self, cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder) -> None:

@@ -17,11 +17,15 @@ from typing import Any, Callable, Optional
 from normsearch.config import StudyConfig
 from normsearch.space.search_space import SearchSpace
 from normsearch.search.study import METRIC, count_finished, weights_path
-from normsearch.search.base import Backend
+from normsearch.search.base import Backend, Overhead
 from normsearch.search.schedules import successive_halving_epochs
 from normsearch.search.recorder import TrialRecorder, failure_reason
 
 __all__ = ["RayBackend", "ray_trainable"]
+
+#: Seconds Tune spends per trial besides the trial's own work (ask, schedule, launch in a reused
+#: actor, result round trips, tell), from ``scripts/bench_overhead.py`` on the 2-core machine.
+TUNE_TRIAL_S = 1.0
 
 
 def _import_ray():
@@ -205,3 +209,14 @@ class RayBackend(Backend):
         sh = successive_halving_epochs(e, min(rc.grace_period, e), rc.reduction_factor)
         return sh, sh, (f"ASHA (grace {rc.grace_period}, factor {rc.reduction_factor:g}) cuts a trial to "
                         f"{sh:.3g} epochs on average (successive halving)")
+
+    def overhead_seconds(self, cfg: StudyConfig, warmup_s: float) -> Overhead:
+        """Per stage: a local cluster's start (``ray.init`` + ``shutdown``) and each slot's first
+        worker process (interpreter start and imports), both measured once on this machine
+        (:mod:`normsearch.search.machine_costs`); per trial: ``warmup_s`` plus Tune's own
+        bookkeeping (:data:`TUNE_TRIAL_S`). With ``search.ray.address`` (a running cluster) no
+        start is counted."""
+        from normsearch.search import machine_costs
+
+        start = 0.0 if cfg.search.ray.address else machine_costs.ray_start_s(self.concurrency(cfg, []))
+        return Overhead(start + machine_costs.python_import_s(), warmup_s + TUNE_TRIAL_S)
