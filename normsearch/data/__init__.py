@@ -14,7 +14,15 @@ Example::
         ...
 """
 
-from normsearch.data.bundle import DataBundle, TensorSplit, channel_stats, load_data, stratified_order
+from normsearch.data.bundle import (
+    DataBundle,
+    TensorSplit,
+    cached_load_data,
+    channel_stats,
+    clear_bundle_cache,
+    load_data,
+    stratified_order,
+)
 from normsearch.data.datasets import (
     DEBIAN_FASHION_MNIST_DIR,
     DataError,
@@ -36,7 +44,9 @@ __all__ = [
     "RawData",
     "TensorLoader",
     "TensorSplit",
+    "cached_load_data",
     "channel_stats",
+    "clear_bundle_cache",
     "crop_and_flip",
     "get_dataset_info",
     "list_datasets",

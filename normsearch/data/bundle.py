@@ -3,10 +3,15 @@
 The validation split is carved from the official training set by a seeded *stratified* split
 (every class contributes to validation in proportion to its size, within one image), so a search
 never looks at the test set; the test set is for final reports only.
+
+``cached_load_data`` keeps the last bundles of the process, so the trials a long-lived worker runs
+one after another (a reused Ray actor, the in-process backend) split the data once.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -222,4 +227,43 @@ def corrupted_split(split: TensorSplit, cfg: DataConfig, which: int) -> TensorSp
     return TensorSplit(torch.cat(xs).contiguous(), split.y.repeat(len(xs)).contiguous())
 
 
-__all__ = ["DataBundle", "TensorSplit", "channel_stats", "load_data", "stratified_order"]
+#: Bundles :func:`cached_load_data` keeps per process (the most recently used ones).
+BUNDLE_CACHE_SIZE = 2
+_bundles: "OrderedDict[str, DataBundle]" = OrderedDict()
+_bundles_lock = threading.Lock()
+
+
+def cached_load_data(cfg: DataConfig) -> DataBundle:
+    """:func:`load_data`, kept in this process for the last :data:`BUNDLE_CACHE_SIZE` data configs.
+
+    The key is the whole ``data`` section (its JSON), so any setting that changes the splits
+    (dataset, root, sizes, split seed, corruptions) gives a bundle of its own; the same settings
+    give the same object. What a trial does with it is unchanged: :func:`load_data` is
+    deterministic and a bundle is read-only. A worker that runs trial after trial (a Ray actor
+    reused by Tune, the in-process backend) saves the split (stratified order, copies, channel
+    statistics: 0.1-0.4 s for 6000 Fashion-MNIST images on a loaded 2-core machine, more for
+    CIFAR-10's 50000) and its memory churn.
+    """
+    key = cfg.model_dump_json()
+    with _bundles_lock:
+        bundle = _bundles.get(key)
+        if bundle is not None:
+            _bundles.move_to_end(key)
+            return bundle
+    bundle = load_data(cfg)
+    with _bundles_lock:
+        _bundles[key] = bundle
+        _bundles.move_to_end(key)
+        while len(_bundles) > BUNDLE_CACHE_SIZE:
+            _bundles.popitem(last=False)
+    return bundle
+
+
+def clear_bundle_cache() -> None:
+    """Forget the bundles :func:`cached_load_data` keeps (tests; freeing memory)."""
+    with _bundles_lock:
+        _bundles.clear()
+
+
+__all__ = ["BUNDLE_CACHE_SIZE", "DataBundle", "TensorSplit", "cached_load_data", "channel_stats", "clear_bundle_cache",
+           "load_data", "stratified_order"]
