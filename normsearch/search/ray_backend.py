@@ -115,7 +115,8 @@ def run_tune(cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder, *, e
     ``search.max_failures`` trials have failed in this session; ``search.ray.scheduler`` (ASHA)
     may stop trials early. Confirmation (``enqueued_only=True``): rounds of the WAITING trials,
     FIFO (no early stopping), as many in parallel as the resources allow.
-    Each round gets a fresh Ray experiment directory.
+    Each round gets a fresh Ray experiment directory; within a round Tune reuses the actors of
+    ended trials (``reuse_actors``), so only the first trial of each slot starts a worker process.
     """
     from normsearch.train import trial as trial_module  # looked up per call: tests replace trial_module.run_trial
     from normsearch.search.ray_searcher import RecordingOptunaSearch
@@ -152,6 +153,9 @@ def run_tune(cfg: StudyConfig, space: SearchSpace, recorder: TrialRecorder, *, e
             tune_config=tune.TuneConfig(
                 search_alg=searcher, scheduler=scheduler, num_samples=remaining,
                 max_concurrent_trials=rc.max_concurrent_trials, time_budget_s=budget,
+                # a trial starts in the actor (process) of one that ended: no new process, no
+                # imports, and the worker's data bundle and compiled code stay warm (normsearch.train.trial)
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{round_no}",
