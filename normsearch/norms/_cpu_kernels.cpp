@@ -171,18 +171,53 @@ at::Tensor channels_last_grad_input(const at::Tensor& g, const at::Tensor& x, co
 
 // Mixture Normalization loops, in _cpu_mixture_kernels.cpp.
 std::vector<at::Tensor> mixture_sums(const at::Tensor& a, const at::Tensor& nu, const c10::optional<at::Tensor>& b,
-                                     const c10::optional<at::Tensor>& centre);
+                                     const c10::optional<at::Tensor>& centre, const c10::optional<at::Tensor>& shift);
 at::Tensor mixture_combine(const at::Tensor& a, const at::Tensor& nu, const at::Tensor& sc, const at::Tensor& e,
-                           const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& q);
+                           const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& q,
+                           const c10::optional<at::Tensor>& shift);
+at::Tensor mixture_posteriors(const at::Tensor& a, const at::Tensor& shift, const at::Tensor& log_weights,
+                              const at::Tensor& means, const at::Tensor& variances);
+std::vector<at::Tensor> gmm_step(const at::Tensor& points, const at::Tensor& seeds, const c10::optional<at::Tensor>& assign,
+                                 const c10::optional<at::Tensor>& weights, const c10::optional<at::Tensor>& means,
+                                 const c10::optional<at::Tensor>& variances, double reg_covar, double prune);
+std::vector<at::Tensor> mixture_fit_points(const at::Tensor& a, const at::Tensor& idx);
+std::vector<at::Tensor> kmeans_pp(const at::Tensor& x, const at::Tensor& first, const at::Tensor& draws);
+std::vector<at::Tensor> mixture_norm_forward(const at::Tensor& a, const at::Tensor& nu, const at::Tensor& mass,
+                                             const at::Tensor& centre, const c10::optional<at::Tensor>& weight,
+                                             const c10::optional<at::Tensor>& bias, double eps,
+                                             const c10::optional<at::Tensor>& shift);
+std::vector<at::Tensor> mixture_norm_backward(const at::Tensor& g, const at::Tensor& nu, const at::Tensor& a,
+                                              const at::Tensor& mass, const at::Tensor& centre,
+                                              const c10::optional<at::Tensor>& weight, const at::Tensor& offset,
+                                              const at::Tensor& scale, const at::Tensor& var,
+                                              const at::Tensor& unclamped, double eps,
+                                              const c10::optional<at::Tensor>& shift);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("channels_last_moments", &channels_last_moments, "per-(sample, channel) (var, mean) of a channels_last x");
   m.def("channels_last_sums", &channels_last_sums, "per-(sample, channel) (sum(g * x), sum(g))");
   m.def("channels_last_grad_input", &channels_last_grad_input, "g * scale + x * p + q per (sample, channel)");
   m.def("mixture_sums", &mixture_sums,
-        "(nu^T a, nu^T (a * b)) per (component, channel), optionally centred; rows or planes", py::arg("a"),
-        py::arg("nu"), py::arg("b") = py::none(), py::arg("centre") = py::none());
-  m.def("mixture_combine", &mixture_combine, "a * (nu sc) + nu e (+ b * (nu q)) per pixel, rows or planes",
+        "(nu^T a, nu^T (a * b)) per (component, channel), optionally centred (after a shift); rows or planes",
+        py::arg("a"), py::arg("nu"), py::arg("b") = py::none(), py::arg("centre") = py::none(),
+        py::arg("shift") = py::none());
+  m.def("mixture_combine", &mixture_combine,
+        "a * (nu sc) + nu e (+ b * (nu q)) per pixel, the pixel operand shifted first; rows or planes",
         py::arg("a"), py::arg("nu"), py::arg("sc"), py::arg("e"), py::arg("b") = py::none(),
-        py::arg("q") = py::none());
+        py::arg("q") = py::none(), py::arg("shift") = py::none());
+  m.def("mixture_posteriors", &mixture_posteriors, "posteriors of every (shifted) pixel under a diagonal GMM",
+        py::arg("a"), py::arg("shift"), py::arg("log_weights"), py::arg("means"), py::arg("variances"));
+  m.def("gmm_step", &gmm_step, "one M-step of the GMM fit (hard on the nearest seed, or after an E-step)",
+        py::arg("points"), py::arg("seeds"), py::arg("assign") = py::none(), py::arg("weights") = py::none(), py::arg("means") = py::none(),
+        py::arg("variances") = py::none(), py::arg("reg_covar") = 1e-6, py::arg("prune") = -1.0);
+  m.def("kmeans_pp", &kmeans_pp, "K-means++ seeding with the given random draws", py::arg("x"), py::arg("first"),
+        py::arg("draws"));
+  m.def("mixture_norm_forward", &mixture_norm_forward, "MixtureNorm's Eq. 34-37 transform, forward",
+        py::arg("a"), py::arg("nu"), py::arg("mass"), py::arg("centre"), py::arg("weight"), py::arg("bias"),
+        py::arg("eps"), py::arg("shift"));
+  m.def("mixture_norm_backward", &mixture_norm_backward, "MixtureNorm's Eq. 34-37 transform, backward",
+        py::arg("g"), py::arg("nu"), py::arg("a"), py::arg("mass"), py::arg("centre"), py::arg("weight"),
+        py::arg("offset"), py::arg("scale"), py::arg("var"), py::arg("unclamped"), py::arg("eps"), py::arg("shift"));
+  m.def("mixture_fit_points", &mixture_fit_points, "the fit's subsample of pixels, centred, and its mean",
+        py::arg("a"), py::arg("idx"));
 }

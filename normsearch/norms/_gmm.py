@@ -12,6 +12,11 @@ can be compared exactly: ``reg_covar`` is added to every variance in the M-step,
 there are no per-point Python loops (only loops over the K seeding steps and the EM iterations)
 and no read of tensor values on the host (no ``.item()``).
 
+On CPU float32/float64 points :func:`fit_gmm` runs its passes over the points in compiled loops
+(``gmm_step`` of :mod:`normsearch.norms._cpu_ext`: the same seeding, steps and centred sums, the
+M-step arithmetic in double, the log-densities in the form ``sum_c (x_c - mu_kc)^2 / sigma_kc^2``);
+the tensor code below is the reference and the path elsewhere (tested equal).
+
 Notation: M points, C features, K components.
 """
 
@@ -22,6 +27,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from . import _cpu_ext
 
 __all__ = [
     "GaussianMixtureParams",
@@ -257,11 +264,28 @@ def _m_step_centred(zmoments: Tensor, resp: Tensor, assign: Tensor, centres: Ten
     k, c = resp.shape[0], zmoments.shape[1] // 2
     pairs = pair_weights(resp, assign, 0)  # (K*K, M)
     sums = (pairs @ zmoments).view(k, k, 2 * c)
-    first, second = recentre(pairs.sum(1).view(k, k), sums[..., :c], centres, sums[..., c:])
-    nk = resp.sum(1) + 10 * torch.finfo(resp.dtype).eps
+    return _m_step_from_sums(pairs.sum(1).view(k, k), sums[..., :c], sums[..., c:], centres, reg_covar,
+                             resp.sum(1))
+
+
+def _m_step_from_sums(weight: Tensor, first: Tensor, second: Tensor, centres: Tensor, reg_covar: float,
+                      nk: Tensor | None = None) -> GaussianMixtureParams:
+    """M-step from the per-(component k, assigned centre j) sums of :func:`recentre`: ``weight``
+    (K, K) of the responsibilities, ``first``/``second`` (K, K, C) of the responsibility-weighted
+    ``z`` and ``z ** 2`` (points shifted by their assigned centre). ``nk``: (K,) responsibility
+    totals if already summed (else ``weight.sum(1)``)."""
+    first, second = recentre(weight, first, centres, second)
+    nk = (weight.sum(1) if nk is None else nk) + 10 * torch.finfo(weight.dtype).eps
     offset = first / nk.unsqueeze(1)  # E[x] - c_k
     variances = (second / nk.unsqueeze(1) - offset.square()).clamp_min(0) + reg_covar
     return GaussianMixtureParams(nk / nk.sum(), centres + offset, variances)
+
+
+def _fused_em(x: Tensor):
+    """The compiled CPU loops (``gmm_sums``) when they take the points ``x``, else None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    return _cpu_ext.kernels()
 
 
 def estimate_log_prob(x: Tensor, means: Tensor, variances: Tensor) -> Tensor:
@@ -385,6 +409,8 @@ def fit_gmm(
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
     _check_points(x, k)
+    if (fused := _fused_em(x)) is not None:
+        return _fit_gmm_fused(fused, x.contiguous(), k, iters, reg_covar, min_weight, generator)
     moments = _moments(x)
     centers, _ = _kmeans_pp_init(x, moments[:, x.shape[1]:].sum(1), k, generator)
     # nearest seed: argmin_k |c_k|^2 - 2 c_k.x (|x|^2 is the same for every k), component-major
@@ -397,3 +423,20 @@ def fit_gmm(
         resp = softmax(weighted.add_(params.weights.log().unsqueeze(1)), 0)
         params = _m_step_centred(zmoments, resp, one_hot, centers, reg_covar)
     return prune_components(params, min_weight)
+
+
+def _fit_gmm_fused(fused, x: Tensor, k: int, iters: int, reg_covar: float, min_weight: float,
+                   generator: torch.Generator | None) -> GaussianMixtureParams:
+    """:func:`fit_gmm` with every pass over the points in the compiled loops: K-means++ seeding
+    (``kmeans_pp``, with the same random draws as :func:`kmeans_pp_init`, taken from torch's RNG in
+    the same order), then one ``gmm_step`` per M-step (one pass, no (K, M) or (M, 2C) temporaries,
+    the M-step arithmetic and the final pruning in double): the same hard first step, EM steps and
+    sums centred on the seeds, the distances and log-densities in the form ``sum_c (x_c - y_c)^2``."""
+    first = torch.randint(x.shape[0], (1,), device=x.device, generator=generator)
+    draws = torch.rand(k - 1, 2 + int(math.log(k)), device=x.device, generator=generator)
+    centers, _ = fused.kmeans_pp(x, first, draws)
+    *params, nearest = fused.gmm_step(x, centers, reg_covar=reg_covar, prune=-1.0 if iters else min_weight)
+    for it in range(iters):
+        *params, _ = fused.gmm_step(x, centers, nearest, *params, reg_covar=reg_covar,
+                                    prune=min_weight if it == iters - 1 else -1.0)
+    return GaussianMixtureParams(*params)

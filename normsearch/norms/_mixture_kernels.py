@@ -67,14 +67,20 @@ def _fused_nu(nu: Tensor, cl: bool) -> Tensor:
     return _k_major(nu) if cl else nu
 
 
-def _fused(x: Tensor, nu: Tensor, cl: bool):
-    """The compiled CPU loops (``_cpu_mixture_kernels.cpp``) when they take these tensors: contiguous
-    float32/float64 CPU pixels in either layout, posteriors of the same dtype stored component-major
-    (channels-last) or contiguous (channels-first); else None."""
-    if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
-            and nu.dtype == x.dtype and _fused_nu(nu, cl).is_contiguous()):
+def fused_pixels(x: Tensor):
+    """The compiled CPU loops (``_cpu_mixture_kernels.cpp``) when they take the pixels ``x``:
+    contiguous float32/float64 CPU pixels in either layout; else None (disabled, unbuildable)."""
+    if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()):
         return None
     return _cpu_ext.kernels()
+
+
+def _fused(x: Tensor, nu: Tensor, cl: bool):
+    """:func:`fused_pixels` when also the posteriors suit the compiled loops: of ``x``'s dtype, stored
+    component-major (channels-last) or contiguous (channels-first); else None."""
+    if not (nu.dtype == x.dtype and _fused_nu(nu, cl).is_contiguous()):
+        return None
+    return fused_pixels(x)
 
 
 def _moment(x: Tensor, nu: Tensor, cl: bool) -> Tensor:
@@ -114,6 +120,36 @@ def _posteriors(x: Tensor, x_sq: Tensor, log_weights: Tensor, means: Tensor, var
     log_prob = torch.baddbmm(bias.unsqueeze(0), (-0.5 * precisions).expand(n, -1, -1), x_sq)
     log_prob = log_prob.baddbmm_((means * precisions).expand(n, -1, -1), x)
     return softmax(log_prob, dim=1)
+
+
+def posteriors(x: Tensor, log_weights: Tensor, means: Tensor, variances: Tensor, cl: bool,
+               shift: Tensor | None = None) -> Tensor:
+    """Posteriors nu_k(x_i - shift) of every pixel under a diagonal GMM (Kalayeh & Shah, Eq. 31).
+
+    On CPU float pixels one pass of the compiled loops (``mixture_posteriors``: the shift subtracted
+    as each value is read, the log-densities as ``sum_c (x_c - mu_kc)^2 / sigma_kc^2``, no full-size
+    temporary); otherwise :func:`_posteriors` of the shifted pixels and their squares.
+
+    Args:
+        x: pixels (N, C, L), or (N, L, C) when ``cl``.
+        log_weights: (K,) log mixture weights (-inf: posterior 0).
+        means, variances: (K, C), in the coordinates of ``x - shift``.
+        cl: channels-last layout.
+        shift: optional (C,) centre subtracted from every pixel first.
+
+    Returns:
+        (N, K, L), or (N, L, K) viewing a (K, N*L) tensor when ``cl``.
+    """
+    fused = fused_pixels(x)
+    if fused is not None:
+        c = x.shape[2 if cl else 1]
+        sh = x.new_zeros(c) if shift is None else shift.to(x.dtype).contiguous()
+        nu = fused.mixture_posteriors(_pixels(x, cl), sh, log_weights.to(x.dtype), means.to(x.dtype).contiguous(),
+                                      variances.to(x.dtype).contiguous())
+        return _from_k_major(nu, x.shape[0]) if cl else nu
+    if shift is not None:
+        x = x - (shift if cl else shift.unsqueeze(1))
+    return _posteriors(x, x.square(), log_weights, means, variances, cl)
 
 
 def _assignment(nu: Tensor, cl: bool) -> Tensor:
@@ -165,57 +201,67 @@ class _MixtureNormalize(torch.autograd.Function):
     ``dx = g (nu @ s) + nu @ dE1 + 2 x (nu @ (dvar / mass))``,
     ``dgamma = sum_k (s/gamma) (H - d G)``, ``dbeta = sum_k G``. Checked against autograd in the tests.
     On float CPU input (either layout) the moments and both full-size transforms run in the compiled
-    loops of ``_cpu_mixture_kernels.cpp`` (one pass each, nothing full-size saved but ``x``). Otherwise
+    loops of ``_cpu_mixture_kernels.cpp`` (one pass each, nothing full-size saved but ``x``), with the
+    (K, C) arithmetic above in double in the same call (``mixture_norm_forward``/``_backward``). Otherwise
     (:func:`_centred_moments`) the sums run over the K*K (component, assigned component) pairs, the
     full-size ``nu @ s`` of the forward is kept for the backward, and the backward builds ``dx``
     in place in the buffer of ``(x - c_a) * g`` (accumulating matrix products).
+
+    ``shift`` (C,), optional: ``x`` is uncentred and every formula above applies to ``x - shift``
+    (``centre`` and the returned mean are in those coordinates). The compiled loops subtract it as
+    they read ``x`` (no centred copy of the activation is made or kept); the plain ops make one.
     """
 
     @staticmethod
-    def forward(ctx, x, nu, mass, centre, weight, bias, eps, cl):
-        k_dim = 2 if cl else 1
+    def forward(ctx, x, nu, mass, centre, weight, bias, eps, cl, shift=None):
         centre = centre.contiguous()
         fused = _fused(x, nu, cl)
-        if fused is not None:  # one pass for both moments
-            sum_x, sum_sq = fused.mixture_sums(_pixels(x, cl), _fused_nu(nu, cl), None, centre)
-        else:
-            sum_x, sum_sq = _centred_moments(x, nu, centre, cl)
+        if shift is not None:  # the compiled loops subtract it as they read x; the plain ops here
+            shift = shift.to(x.dtype).contiguous()
+            if fused is None:
+                x, shift = x - (shift if cl else shift.unsqueeze(1)), None
+        ctx.eps, ctx.cl, ctx.kernels = eps, cl, fused
+        if fused is not None:  # two passes (moments, transform); the (K, C) arithmetic in double
+            y, mean, var, offset, scale, unclamped = fused.mixture_norm_forward(
+                _pixels(x, cl), _fused_nu(nu, cl), mass, centre, weight, bias, eps, shift)
+            ctx.save_for_backward(x, nu, mass, centre, weight, offset, scale, var, unclamped, None, shift)
+            ctx.mark_non_differentiable(mean, var)
+            return y.view(x.shape), mean, var
+        sum_x, sum_sq = _centred_moments(x, nu, centre, cl)
         offset = sum_x / mass.unsqueeze(1)  # (K, C) E1 - c
         mean = centre + offset
         pre_var = sum_sq / mass.unsqueeze(1) - offset.square()
         var = pre_var.clamp_min(0)
-        points = nu.numel() // nu.shape[k_dim]
+        points = nu.numel() // nu.shape[2 if cl else 1]
         scale = torch.rsqrt(var + eps) * torch.rsqrt(mass / points).unsqueeze(1)  # 1/(sqrt(lam) sigma)
         s = scale if weight is None else scale * weight
-        shift = s * mean if bias is None else s * mean - bias
-        if fused is not None:  # the backward recomputes nu @ s per pixel instead of keeping it
-            spread_s = None
-            y = fused.mixture_combine(_pixels(x, cl), _fused_nu(nu, cl), s, -shift).view(x.shape)
-        else:
-            spread_s = _spread(s, nu, cl)
-            y = _spread(-shift, nu, cl).addcmul_(x, spread_s)
-        ctx.save_for_backward(x, nu, mass, centre, weight, offset, scale, var, pre_var >= 0, spread_s)
-        ctx.eps, ctx.cl, ctx.fused = eps, cl, fused is not None
+        offset_k = s * mean if bias is None else s * mean - bias  # y = x * (nu @ s) - nu @ offset_k
+        spread_s = _spread(s, nu, cl)
+        y = _spread(-offset_k, nu, cl).addcmul_(x, spread_s)
+        ctx.save_for_backward(x, nu, mass, centre, weight, offset, scale, var, pre_var >= 0, spread_s, None)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        x, nu, mass, centre, weight, offset, scale, var, unclamped, spread_s = ctx.saved_tensors
+        x, nu, mass, centre, weight, offset, scale, var, unclamped, spread_s, shift = ctx.saved_tensors
         cl = ctx.cl
-        fused = _fused(x, nu, cl) if ctx.fused else None
-        if fused is not None:
-            g_pix, x_pix, nu_pix = _pixels(grad_y.contiguous(), cl), _pixels(x, cl), _fused_nu(nu, cl)
-            g_sum, gx_sum = fused.mixture_sums(g_pix, nu_pix, x_pix, centre)  # G, H (K, C)
-        else:
-            k = centre.shape[0]
-            assign = _assignment(nu, cl)
-            pairs = _pair_posteriors(nu, assign, cl)
-            xg = _centred_on_assigned(x, assign, centre, cl).mul_(grad_y)  # (x - c_a) g
-            g_pairs = _moment(grad_y, pairs, cl).view(k, k, -1)
-            gx_sum, _ = recentre(g_pairs, _moment(xg, pairs, cl).view(k, k, -1), centre)  # H
-            g_sum = g_pairs.sum(1)  # G
+        fused = ctx.kernels
+        if fused is not None:  # G, H in one pass, dx = g (nu s) + nu dE1 + x (nu q) in another
+            grad_x, grad_weight, grad_bias = fused.mixture_norm_backward(
+                _pixels(grad_y.contiguous(), cl), _fused_nu(nu, cl), _pixels(x, cl), mass, centre, weight, offset,
+                scale, var, unclamped, ctx.eps, shift)
+            grad_weight = grad_weight if weight is not None and ctx.needs_input_grad[4] else None
+            grad_bias = grad_bias if ctx.needs_input_grad[5] else None
+            return grad_x.view(x.shape), None, None, None, grad_weight, grad_bias, None, None, None
+        k = centre.shape[0]
+        assign = _assignment(nu, cl)
+        pairs = _pair_posteriors(nu, assign, cl)
+        xg = _centred_on_assigned(x, assign, centre, cl).mul_(grad_y)  # (x - c_a) g
+        g_pairs = _moment(grad_y, pairs, cl).view(k, k, -1)
+        gx_sum, _ = recentre(g_pairs, _moment(xg, pairs, cl).view(k, k, -1), centre)  # H
+        g_sum = g_pairs.sum(1)  # G
         centred = gx_sum - offset * g_sum  # sum_i nu g (x - E1)
         grad_weight = (scale * centred).sum(0) if weight is not None and ctx.needs_input_grad[4] else None
         grad_bias = g_sum.sum(0) if ctx.needs_input_grad[5] else None
@@ -223,10 +269,7 @@ class _MixtureNormalize(torch.autograd.Function):
         d_var = torch.where(unclamped, -0.5 * s * centred / (var + ctx.eps), torch.zeros_like(var))
         d_e1 = (-s * g_sum - 2.0 * (centre + offset) * d_var) / mass.unsqueeze(1)
         q = 2.0 * d_var / mass.unsqueeze(1)
-        if fused is not None:  # dx = g * (nu @ s) + nu @ dE1 + x * (nu @ q), one pass
-            grad_x = fused.mixture_combine(g_pix, nu_pix, s, d_e1, x_pix, q).view(x.shape)
-            return grad_x, None, None, None, grad_weight, grad_bias, None, None
         # dx = x * (nu @ q) + g * (nu @ s) + nu @ dE1, built in the buffer of (x - c_a) g.
         grad_x = _spread(q, nu, cl, out=xg).mul_(x).addcmul_(grad_y, spread_s)
         grad_x = _spread(d_e1, nu, cl, out=grad_x, accumulate=True)
-        return grad_x, None, None, None, grad_weight, grad_bias, None, None
+        return grad_x, None, None, None, grad_weight, grad_bias, None, None, None

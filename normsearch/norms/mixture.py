@@ -26,7 +26,10 @@ Readings of the garbled or underspecified text (also in the class docstring):
   normalising constant cancels in the posterior.
 
 The GMM fit is in :mod:`normsearch.norms._gmm`; the full-size kernels (posteriors, moments, the
-transform and its backward) in :mod:`normsearch.norms._mixture_kernels`.
+transform and its backward) in :mod:`normsearch.norms._mixture_kernels`. On CPU float input the
+training step runs in compiled loops (:mod:`normsearch.norms._cpu_ext`): the fit's subsample is
+gathered and centred in one loop, the EM passes and the posteriors are one pass each, and the
+input is never copied to centre it (the loops subtract the centre as they read it).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ._gmm import DEFAULT_REG_COVAR, GaussianMixtureParams, fit_gmm
-from ._mixture_kernels import _k_major, _MixtureNormalize, _posteriors, _spread
+from ._mixture_kernels import _k_major, _MixtureNormalize, _pixels, _posteriors, _spread, fused_pixels, posteriors
 from ._registry import register_norm
 from .base import AdaptiveNorm2d
 
@@ -177,38 +180,66 @@ class MixtureNorm2d(AdaptiveNorm2d):
         Args:
             x: pixels (N, C, L), or (N, L, C) when ``cl``.
         """
-        n, c = x.shape[0], x.shape[2 if cl else 1]
-        length = x.shape[1 if cl else 2]
+        return self._gather_points(x, cl, self._fit_index(x, cl))
+
+    def _fit_index(self, x: Tensor, cl: bool) -> Tensor | None:
+        """:meth:`fit_points`' random draw: (N, per_image) pixel positions in every image (row
+        indices of the (N*L, C) matrix when ``cl``), or None when all pixels are used."""
+        n, length = x.shape[0], x.shape[1 if cl else 2]
         total = n * length
         n_fit = min(total, max(math.ceil(self.subsample * total), _MIN_FIT_POINTS))
         if n_fit >= total:
-            return x.reshape(total, c) if cl else x.transpose(1, 2).reshape(total, c)
-        per_image = math.ceil(n_fit / n)
-        idx = torch.randint(length, (n, per_image), device=x.device)
-        if cl:  # rows of the (N*L, C) matrix: index_select copies whole rows, ~5x faster than gather
-            rows = idx + torch.arange(0, total, length, device=x.device).unsqueeze(1)
-            return x.reshape(total, c).index_select(0, rows.view(-1))
-        return x.gather(2, idx.unsqueeze(1).expand(n, c, per_image)).transpose(1, 2).reshape(-1, c)
+            return None
+        idx = torch.randint(length, (n, math.ceil(n_fit / n)), device=x.device)
+        return idx + torch.arange(0, total, length, device=x.device).unsqueeze(1) if cl else idx
 
-    def fit_posteriors(self, x: Tensor, x_sq: Tensor, cl: bool = False,
-                       points: Tensor | None = None) -> tuple[Tensor, GaussianMixtureParams]:
+    @staticmethod
+    def _gather_points(x: Tensor, cl: bool, idx: Tensor | None) -> Tensor:
+        c = x.shape[2 if cl else 1]
+        if idx is None:
+            return x.reshape(-1, c) if cl else x.transpose(1, 2).reshape(-1, c)
+        if cl:  # rows of the (N*L, C) matrix: index_select copies whole rows, ~5x faster than gather
+            return x.reshape(-1, c).index_select(0, idx.view(-1))
+        return x.gather(2, idx.unsqueeze(1).expand(-1, c, -1)).transpose(1, 2).reshape(-1, c)
+
+    def _centred_fit_points(self, x: Tensor, cl: bool) -> tuple[Tensor, Tensor]:
+        """``(points - shift, shift)``: :meth:`fit_points` centred on their mean ``shift`` (C,).
+        On CPU float pixels one compiled loop gathers and centres them (mean summed in double)."""
+        idx = self._fit_index(x, cl)
+        fused = fused_pixels(x)
+        if fused is not None and idx is not None:
+            points, shift = fused.mixture_fit_points(_pixels(x, cl), idx)
+            return points, shift
+        points = self._gather_points(x, cl, idx)
+        shift = points.mean(0)
+        return points - shift, shift
+
+    def fit_posteriors(self, x: Tensor, x_sq: Tensor | None = None, cl: bool = False,
+                       points: Tensor | None = None, shift: Tensor | None = None) -> tuple[Tensor, GaussianMixtureParams]:
         """Fit the batch GMM (no gradient) and return the posteriors of all pixels.
 
         Args:
-            x: pixels (N, C, L), or (N, L, C) when ``cl``, centred near their per-channel batch mean.
-            x_sq: ``x ** 2``, same shape.
+            x: pixels (N, C, L), or (N, L, C) when ``cl``; ``x - shift`` centred near their
+                per-channel batch mean.
+            x_sq: ``(x - shift) ** 2``, same shape, if already computed (only the plain-op path
+                uses it).
             cl: channels-last layout.
-            points: the (M, C) pixels to fit, in the coordinates of ``x`` (default:
-                :meth:`fit_points` of ``x``).
+            points: the (M, C) pixels to fit, in the coordinates of ``x - shift`` (default:
+                :meth:`fit_points` of ``x``, shifted).
+            shift: optional (C,) centre: the mixture is fitted to and evaluated at ``x - shift``
+                (on CPU without a centred copy of ``x``).
 
         Returns:
             ``(nu, gmm)``: posteriors nu_k(x_i) of shape (N, K, L), or (N, L, K) when ``cl``, and
-            the fitted mixture (in the coordinates of ``x``; pruned components have weight 0).
+            the fitted mixture (in the coordinates of ``x - shift``; pruned components have weight 0).
         """
-        points = self.fit_points(x, cl) if points is None else points
+        if points is None:
+            points = self.fit_points(x, cl) if shift is None else self.fit_points(x, cl) - shift
         gmm = fit_gmm(points, self.num_components, self.em_iters,
                       reg_covar=DEFAULT_REG_COVAR, min_weight=self.min_weight)
-        return _posteriors(x, x_sq, gmm.weights.log(), gmm.means, gmm.variances, cl), gmm
+        if x_sq is not None and shift is None:
+            return _posteriors(x, x_sq, gmm.weights.log(), gmm.means, gmm.variances, cl), gmm
+        return posteriors(x, gmm.weights.log(), gmm.means, gmm.variances, cl, shift), gmm
 
     def _mix(self, x: Tensor, nu: Tensor, scale: Tensor, means: Tensor, cl: bool) -> Tensor:
         """Eq. 34 plus the affine: ``sum_k nu_k scale_k (x - mu_k) * weight + bias``.
@@ -238,20 +269,23 @@ class MixtureNorm2d(AdaptiveNorm2d):
 
     def _normalize_train(self, xs: Tensor, cl: bool) -> Tensor:
         with torch.no_grad():
-            points = self.fit_points(xs, cl)
-            shift = points.mean(0)
+            points, shift = self._centred_fit_points(xs, cl)
         # Centring on the subsample's mean only conditions the float math (the output does not
-        # depend on it) and saves a pass over x; the statistics carry gradient (inside
-        # _MixtureNormalize), the posteriors do not.
-        x = xs - (shift if cl else shift.unsqueeze(1))
+        # depend on it); the statistics carry gradient (inside _MixtureNormalize), the posteriors
+        # do not. The compiled CPU loops subtract the shift as they read x (no centred copy); the
+        # plain ops centre x once, for the posteriors and the transform.
+        if fused_pixels(xs) is not None:
+            x, x_shift = xs, shift
+        else:
+            x, x_shift = xs - (shift if cl else shift.unsqueeze(1)), None
         with torch.no_grad():
-            nu, gmm = self.fit_posteriors(x, x.square(), cl, points - shift)
+            nu, gmm = self.fit_posteriors(x, None, cl, points, x_shift)
             mass = _k_major(nu).sum(1) if cl else nu.sum((0, 2))
             mass = mass.clamp_min(torch.finfo(x.dtype).tiny)  # (K,)
         weight = self.weight.to(x.dtype) if self.affine else None
         bias = self.bias.to(x.dtype) if self.affine else None
         # The fitted means centre each component's sums (float32 variances of far-apart modes).
-        y, means, var = _MixtureNormalize.apply(x, nu, mass, gmm.means, weight, bias, self.eps, cl)
+        y, means, var = _MixtureNormalize.apply(x, nu, mass, gmm.means, weight, bias, self.eps, cl, x_shift)
         with torch.no_grad():
             lam = mass / (nu.numel() // self.num_components)
             self._push(gmm._replace(means=gmm.means + shift), lam, means + shift, var)

@@ -257,3 +257,147 @@ def test_run_builds_the_kernels_before_trials_only_when_a_cpu_trial_can_use_them
     monkeypatch.setattr("normsearch.train.resolve_device", lambda spec: torch.device(spec))
     runner._build_cpu_kernels(cfg)
     assert calls == ([1] if builds else [])
+
+
+# ------------------------------------------------------------ MixtureNorm's posterior, fit and shift loops
+
+
+def _gmm(components, channels, gen, dtype):
+    weights = torch.rand(components, generator=gen, dtype=torch.float64) + 0.2
+    means = torch.randn(components, channels, generator=gen, dtype=torch.float64) * 2
+    variances = torch.rand(components, channels, generator=gen, dtype=torch.float64) + 0.3
+    return (weights / weights.sum()).to(dtype), means.to(dtype), variances.to(dtype)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n, channels, components, length", [(3, 16, 3, 300), (2, 5, 2, 70), (1, 64, 4, 1), (2, 32, 1, 65)])
+def test_posterior_kernel_equals_the_plain_posteriors_in_both_layouts(ext, n, channels, components, length, dtype):
+    from normsearch.norms._mixture_kernels import _k_major, _posteriors
+
+    gen = torch.Generator().manual_seed(n * length + channels)
+    weights, means, variances = _gmm(components, channels, gen, dtype)
+    log_w = weights.log()
+    if components > 1:
+        log_w[1] = -float("inf")  # a pruned component: posterior exactly 0
+    x = (torch.randn(n, channels, length, generator=gen, dtype=torch.float64) * 2 + 30).to(dtype)  # (N, C, L)
+    shift = x.mean((0, 2))
+    xd = x.double() - shift.double()[:, None]
+    want = _posteriors(xd, xd.square(), log_w.double(), means.double(), variances.double(), False)  # (N, K, L)
+    tol = dict(rtol=1e-11, atol=1e-11) if dtype == torch.float64 else dict(rtol=3e-5, atol=3e-5)
+    planes = ext.mixture_posteriors(x, shift, log_w, means, variances)
+    torch.testing.assert_close(planes.double(), want, **tol)
+    rows = ext.mixture_posteriors(x.transpose(1, 2).reshape(-1, channels).contiguous(), shift, log_w, means, variances)
+    assert rows.shape == (components, n * length)  # component-major
+    torch.testing.assert_close(rows.double(), _k_major(want.transpose(1, 2)), **tol)
+    if components > 1:
+        assert not planes[:, 1].any() and not rows[1].any()
+    torch.testing.assert_close(planes.sum(1), torch.ones(n, length, dtype=dtype), **tol)
+
+
+@needs_compiler
+@pytest.mark.parametrize("layout", ["rows", "planes"])
+def test_a_shift_is_the_same_as_centring_the_pixels_first(ext, layout):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 16, 50, generator=gen) * 3 + 100  # planes (N, C, L)
+    g = torch.randn(3, 16, 50, generator=gen)
+    nu = torch.softmax(torch.randn(3, 3, 50, generator=gen), 1)
+    shift = x.mean((0, 2))
+    if layout == "rows":
+        x, g = (t.transpose(1, 2).reshape(-1, 16).contiguous() for t in (x, g))
+        nu = nu.transpose(0, 1).reshape(3, -1).contiguous()
+    centred = x - (shift if layout == "rows" else shift[:, None])
+    centre, s, e, q = (torch.randn(3, 16, generator=gen) for _ in range(4))
+    for got, want in ((ext.mixture_sums(x, nu, None, centre, shift), ext.mixture_sums(centred, nu, None, centre)),
+                      (ext.mixture_sums(g, nu, x, centre, shift), ext.mixture_sums(g, nu, centred, centre))):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))  # the same float operations
+    assert torch.equal(ext.mixture_combine(x, nu, s, e, None, None, shift), ext.mixture_combine(centred, nu, s, e))
+    assert torch.equal(ext.mixture_combine(g, nu, s, e, x, q, shift), ext.mixture_combine(g, nu, s, e, centred, q))
+    with pytest.raises(RuntimeError, match="a shift needs the centres"):
+        ext.mixture_sums(x, nu, None, None, shift)
+    with pytest.raises(RuntimeError, match=r"shift must be a contiguous \(C,\)"):
+        ext.mixture_combine(x, nu, s, e, None, None, shift[:5])
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("points, channels, components", [(2100, 16, 3), (700, 32, 2), (77, 64, 5), (300, 3, 1)])
+def test_gmm_step_equals_the_plain_m_step(ext, points, channels, components, dtype):
+    from normsearch.norms._gmm import _centred_moments, _log_prob_from_moments, _m_step_centred, _moments, \
+        _nearest_one_hot, softmax
+
+    gen = torch.Generator().manual_seed(points)
+    x = (torch.randn(points, channels, generator=gen, dtype=torch.float64) * 2
+         + 50 * torch.randint(2, (points, 1), generator=gen)).to(dtype)
+    seeds = x[torch.randperm(points, generator=gen)[:components]].contiguous()
+    xd, sd = x.double(), seeds.double()
+    one_hot = _nearest_one_hot((xd.unsqueeze(0) - sd.unsqueeze(1)).square().sum(2))  # (K, M), first on ties
+    zmoments = _centred_moments(xd, sd, one_hot)
+    want = _m_step_centred(zmoments, one_hot, one_hot, sd, 1e-6)
+    *got, nearest = ext.gmm_step(x, seeds, reg_covar=1e-6)
+    assert torch.equal(nearest, one_hot.argmax(0))
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, **tol)
+    resp = softmax(_log_prob_from_moments(_moments(xd), want.means, want.variances) + want.weights.log().unsqueeze(1), 0)
+    want = _m_step_centred(zmoments, resp, one_hot, sd, 1e-6)
+    *got, again = ext.gmm_step(x, seeds, nearest, *(t.to(dtype) for t in got), reg_covar=1e-6)
+    assert again.data_ptr() == nearest.data_ptr()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, **tol)
+    with pytest.raises(RuntimeError, match="assign out of range"):
+        ext.gmm_step(x, seeds, torch.full((points,), components), *got)
+
+
+@needs_compiler
+@pytest.mark.parametrize("cl", [False, True])
+def test_fit_points_kernel_gathers_the_same_pixels_and_centres_them(ext, cl):
+    from normsearch.norms import MixtureNorm2d
+
+    layer = MixtureNorm2d(16, subsample=0.3)
+    x = torch.randn(4, 16, 9, 10) * 2 + 7
+    xs = x.permute(0, 2, 3, 1).reshape(4, 90, 16).contiguous() if cl else x.reshape(4, 16, 90)
+    torch.manual_seed(3)
+    want = layer.fit_points(xs, cl)
+    torch.manual_seed(3)
+    points, shift = layer._centred_fit_points(xs, cl)
+    torch.testing.assert_close(shift, want.mean(0))
+    assert torch.equal(points, want - shift)
+    assert points.shape == (4 * 27, 16)
+
+
+@needs_compiler
+@pytest.mark.parametrize("fmt", [CL, torch.contiguous_format])
+def test_mixturenorm_training_keeps_no_centred_copy_with_the_kernels(ext, fmt):
+    """The compiled loops read the layer's input and subtract the shift themselves: the autograd
+    graph saves the input itself, not a centred copy of it."""
+    layer = create_norm_layer("mixturenorm", 16, num_components=3).to(memory_format=fmt)
+    x = (torch.randn(4, 16, 8, 8) + 3).to(memory_format=fmt).requires_grad_(True)
+    node, todo = None, [layer(x).grad_fn]
+    while todo and node is None:
+        fn = todo.pop()
+        if fn is not None and fn.name() == "_MixtureNormalizeBackward":
+            node = fn
+        elif fn is not None:
+            todo.extend(f for f, _ in fn.next_functions)
+    big = [t for t in node.saved_tensors if t is not None and t.numel() == x.numel()]
+    assert big and all(t.data_ptr() == x.data_ptr() for t in big)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("points, channels, k", [(3000, 16, 3), (500, 3, 5), (40, 64, 2), (7, 2, 1)])
+def test_kmeans_pp_kernel_picks_the_seeds_of_kmeans_pp_init(ext, points, channels, k, dtype):
+    import math
+
+    from normsearch.norms._gmm import kmeans_pp_init
+
+    gen = torch.Generator().manual_seed(points + k)
+    x = (torch.randn(points, channels, generator=gen, dtype=torch.float64) * 2
+         + 8 * torch.randint(3, (points, 1), generator=gen)).to(dtype)
+    want, want_idx = kmeans_pp_init(x, k, generator=torch.Generator().manual_seed(9))
+    draw = torch.Generator().manual_seed(9)  # the same draws, in the same order
+    first = torch.randint(points, (1,), generator=draw)
+    got, idx = ext.kmeans_pp(x, first, torch.rand(k - 1, 2 + int(math.log(k)), generator=draw))
+    assert torch.equal(idx, want_idx) and torch.equal(got, want)

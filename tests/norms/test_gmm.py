@@ -156,3 +156,25 @@ def test_nearest_one_hot_is_argmin_first_on_ties():
     dist = torch.tensor([[1.0, 2.0, 0.5, 3.0], [0.5, 2.0, 0.5, 1.0], [2.0, 0.1, 0.5, 1.0]])
     expected = torch.nn.functional.one_hot(dist.argmin(0), 3).T.to(dist.dtype)
     assert torch.equal(_nearest_one_hot(dist.clone()), expected)  # column 2: a three-way tie -> row 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k, iters, min_weight", [(3, 2, 0.01), (2, 0, 0.0), (4, 5, 0.01), (1, 1, 0.0)])
+def test_compiled_fit_equals_the_plain_fit(dtype, k, iters, min_weight):
+    """On CPU float points the fit runs in the compiled loops (gmm_step); with them disabled in plain
+    ops. Same draws, same seeds, same mixture (to float rounding)."""
+    from normsearch.norms import _cpu_ext
+
+    if _cpu_ext.kernels() is None:
+        pytest.skip("fused CPU kernels not built")
+    g = torch.Generator().manual_seed(k * 10 + iters)
+    centres = torch.tensor([[0.0, 0.0, 0.0], [6.0, 1.0, -2.0], [-4.0, 5.0, 1.0], [2.0, -6.0, 4.0]], dtype=torch.float64)
+    x = (centres[torch.randint(4, (3000,), generator=g)] + torch.randn(3000, 3, generator=g, dtype=torch.float64))
+    x = x.to(dtype)
+    fused = fit_gmm(x, k, iters, min_weight=min_weight, generator=torch.Generator().manual_seed(1))
+    with _cpu_ext.disabled():
+        plain = fit_gmm(x, k, iters, min_weight=min_weight, generator=torch.Generator().manual_seed(1))
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for a, b in zip(fused, plain):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, **tol)
