@@ -113,10 +113,10 @@ def test_trial_list_shows_every_trial_with_layers_and_attrs(run_dir: Path, dashb
     (study_id,) = [s["study_id"] for s in _get_json(f"{dashboard}/api/studies")["study_summaries"] if s["study_name"] == STUDY]
 
     page.goto(f"{dashboard}/dashboard/studies/{study_id}/trials")
-    expect(page.get_by_text(f"{N_TRIALS} Trials", exact=True)).to_be_visible()
+    expect(page.get_by_text(f"{N_TRIALS} Trials", exact=True)).to_be_visible(timeout=ACTION_TIMEOUT_MS)
     for t in trials:
         page.get_by_role("button", name=re.compile(rf"^Trial {t.number}\b")).click()
-        expect(page.get_by_role("heading", name=re.compile(rf"^Trial {t.number} \(trial_id=\d+\)$"))).to_be_visible()
+        expect(page.get_by_role("heading", name=re.compile(rf"^Trial {t.number} \(trial_id=\d+\)$"))).to_be_visible(timeout=ACTION_TIMEOUT_MS)
         lines = [f"{slot} {t.params[slot]}" for slot in SLOTS] + [
             f"{key} {t.user_attrs[key]}" for key in (ATTR_NUM_PARAMETERS, ATTR_STEP_TIME, ATTR_WORKER)
         ]
@@ -139,5 +139,5 @@ def test_history_plot_names_the_objective(run_dir: Path, dashboard: str, page):
     page.goto(f"{dashboard}/dashboard/studies/{study_id}")
     title = page.locator("svg text.ytitle", has_text="val_acc").first  # Plotly's y-axis title
     title.scroll_into_view_if_needed()
-    expect(title).to_be_visible()
+    expect(title).to_be_visible(timeout=ACTION_TIMEOUT_MS)
     expect(page.get_by_text("Objective 0", exact=True)).to_have_count(0)  # the unnamed fallback label
