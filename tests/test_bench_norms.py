@@ -1,4 +1,5 @@
-"""Smoke test of scripts/bench_norms.py: item parsing (kwargs, ``+sl``), targets and the CSV it writes."""
+"""Smoke test of scripts/bench_norms.py: item parsing (kwargs, ``+sl``), targets, the per-round ratio
+min-max and the CSV it writes."""
 
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def test_quick_run_writes_rows_with_targets_only_without_standardization_loss(tm
               "modenorm(num_components=2)@plain"]
     assert set(by) == {(s, n) for s in ("resnet20_train_step", "layer_fwd_bwd") for n in labels}
     assert float(by[("resnet20_train_step", "batchnorm")]["ratio_vs_bn"]) == 1.0
+    for r in rows:  # the median per-round ratio lies within its min-max over rounds
+        assert float(r["ratio_min"]) <= float(r["ratio_vs_bn"]) <= float(r["ratio_max"])
+    assert by[("resnet20_train_step", "batchnorm")]["ratio_min"] == by[("resnet20_train_step", "batchnorm")]["ratio_max"]
     assert all(float(r["ms"]) > 0 and r["memory_format"] == "channels_last" for r in rows)
     assert by[("resnet20_train_step", "modenorm(num_components=2)")]["target"] == "1.1"
     assert by[("resnet20_train_step", "modenorm(num_components=2)+sl")]["target"] == ""
