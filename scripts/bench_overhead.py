@@ -21,8 +21,10 @@ probes around it, then reads the run's Optuna study and prints:
   ``setup`` (entered -> first training step: data, model, loaders, trainer, importing
   ``torch._dynamo``), ``first batch`` (the untimed warm-up steps minus as many steady steps:
   ``torch.compile``, allocator and kernel warm-up), ``epoch ends`` (the trainer's ``fit`` minus its
-  training loops: validation, test, saving weights, the blocking ``tune.report``) and ``finish``
-  (the worker's last event -> the driver recording the end). A trial is ``cold`` when it is the
+  training loops: validation, test, saving weights, the blocking ``tune.report``), ``loop excess``
+  (the training loops' time minus the first batch and the training time: per-step times vary
+  between epochs under load and the recorded ``step_time_s`` is the last epoch's, so this is noise,
+  either sign) and ``finish`` (the worker's last event -> the driver recording the end). A trial is ``cold`` when it is the
   first its worker process ran, ``warm`` otherwise.
 
 The worker-side timestamps come from a wrapper around the per-trial entry point ``run_trial``
@@ -419,6 +421,9 @@ def analyse(cfg: Any, run_dir: Path, probe: DriverProbe, t_proc: float, t_end: f
             dur = ev["durations"]
             if "fit" in dur and "train loop" in dur:  # validation, test, saving weights, tune.report
                 row["epoch_ends"] = dur["fit"] - dur["train loop"]
+                if "first_batch" in row:  # the loops' time beyond the issue's training time: step
+                    # times vary between epochs, and step_time_s is the last epoch's (noise, +-)
+                    row["loop_excess"] = dur["train loop"] - row["first_batch"] - train
             row["report_wait"] = sum(r.get("returned", r["call"]) - r["call"] for r in ev["reports"])
         s = probe.searcher.get(t.number)
         if s is not None:
@@ -488,11 +493,15 @@ def _median(xs: list[float]) -> Optional[float]:
     return statistics.median(xs) if xs else None
 
 
-PARTS = ("queued", "launch", "process_to_enter", "setup", "first_batch", "epoch_ends", "finish")
+PARTS = ("queued", "launch", "process_to_enter", "setup", "first_batch", "epoch_ends", "loop_excess", "finish")
 
 
 def headline_rows(res: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows of the summary table."""
+    for r in res["trials"]:  # measurements saved before loop_excess existed
+        dur = r.get("durations", {})
+        if "loop_excess" not in r and "train loop" in dur and "first_batch" in r:
+            r["loop_excess"] = dur["train loop"] - r["first_batch"] - r["train"]
     rows = [
         ("command wall time (s, from process start)", _f(res["wall"])),
         ("  process start -> CLI command starts (s)", _f(res.get("to_first_phase"))),
@@ -515,18 +524,22 @@ def headline_rows(res: dict[str, Any]) -> list[tuple[str, str]]:
         if "before_first_trial" in s:
             rows.append((f"{stage}: Tune round start -> first trial (s)", _f(s["before_first_trial"])))
     trials = [r for r in res["trials"] if r.get("overhead") is not None]
-    for label, sel in (("cold (a new worker process)", [r for r in trials if r["cold"]]),
-                       ("warm (a reused worker)", [r for r in trials if not r["cold"]])):
-        rows.append((f"per-trial overhead, {label}: median (s) [n]",
+    for label, sel in (("cold", [r for r in trials if r["cold"]]), ("warm", [r for r in trials if not r["cold"]])):
+        what = "a new worker process" if label == "cold" else "a reused worker"
+        rows.append((f"per-trial overhead, {label} ({what}): median (s) [n]",
                      f"{_f(_median([r['overhead'] for r in sel]), 2)} [{len(sel)}]"))
         for part in PARTS:
-            rows.append((f"  {part}: median (s)", _f(_median([r.get(part) for r in sel]), 2)))
+            rows.append((f"  {label}: {part}: median (s)", _f(_median([r.get(part) for r in sel]), 2)))
         for part in ("data", "torch.compile wrap", "evaluate"):
             keys = ("load_data", "cached_load_data") if part == "data" else (part,)
-            rows.append((f"    {part}: median (s)", _f(_median(
+            rows.append((f"    {label}: {part}: median (s)", _f(_median(
                 [sum(r.get("durations", {}).get(k, 0.0) for k in keys) for r in sel if "durations" in r]), 2)))
     rows.append(("per-trial overhead, all: mean (s)", _f(statistics.mean([r["overhead"] for r in trials]) if trials else None, 2)))
     rows.append(("per-trial overhead, all: sum (s)", _f(sum(r["overhead"] for r in trials))))
+    for part in ("launch", "setup", "first_batch", "epoch_ends", "loop_excess"):
+        rows.append((f"  all: {part}: sum (s)", _f(sum(r.get(part) or 0.0 for r in trials))))
+    for part in ("torch.compile wrap", "evaluate"):
+        rows.append((f"    all: {part}: sum (s)", _f(sum(r.get("durations", {}).get(part, 0.0) for r in trials))))
     rows.append(("load average before / after", f"{_f(res['load_before'][0], 2)} / {_f(res['load_after'][0], 2)}"))
     for k, v in (res.get("imports") or {}).items():
         rows.append((f"fresh process: {k} (s)", _f(v, 2)))
