@@ -138,6 +138,5 @@ def test_history_plot_names_the_objective(run_dir: Path, dashboard: str, page):
     (study_id,) = [s["study_id"] for s in _get_json(f"{dashboard}/api/studies")["study_summaries"] if s["study_name"] == STUDY]
     page.goto(f"{dashboard}/dashboard/studies/{study_id}")
     title = page.locator("svg text.ytitle", has_text="val_acc").first  # Plotly's y-axis title
-    title.scroll_into_view_if_needed()
     expect(title).to_be_visible(timeout=ACTION_TIMEOUT_MS)
     expect(page.get_by_text("Objective 0", exact=True)).to_have_count(0)  # the unnamed fallback label

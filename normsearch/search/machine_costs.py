@@ -3,9 +3,10 @@
 The estimate (:mod:`normsearch.estimate`) times training steps every time; what a command pays
 besides training does not change between runs on one machine, and some of it is slow to measure
 (starting a Ray cluster takes seconds), so it is measured the first time it is needed, in a fresh
-child process, and kept in ``$XDG_CACHE_HOME/normsearch/machine_costs.json`` (default
-``~/.cache/...``; ``NORMSEARCH_CACHE_DIR`` overrides the folder), keyed by what it depends on
-(Python, torch, Ray versions, CPU count). Delete the file to measure again.
+child process, and kept in the system's temporary folder (``/tmp/normsearch-<uid>/machine_costs.json``;
+``NORMSEARCH_CACHE_DIR`` overrides the folder), keyed by what it depends on (Python, torch, Ray
+versions, CPU count), so ``normsearch check`` writes nothing in the user's folders and a reboot
+measures again. Delete the file to measure again.
 
 Costs (seconds):
 
@@ -21,6 +22,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,7 +37,7 @@ _RAY = ("import os, time; os.environ.setdefault('RAY_AUTH_MODE', 'disabled'); im
 
 def cache_file() -> Path:
     """Where the measured costs are kept."""
-    folder = os.environ.get("NORMSEARCH_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "normsearch"
+    folder = os.environ.get("NORMSEARCH_CACHE_DIR") or Path(tempfile.gettempdir()) / f"normsearch-{os.getuid()}"
     return Path(folder) / "machine_costs.json"
 
 
