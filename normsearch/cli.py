@@ -94,8 +94,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {note}")
     print(f"estimate: {est.line()}")
     print(f"  search {format_span(*est.search_s)}, confirmation {format_span(*est.confirm_s)}"
-          + (f" (start-up {est.overhead.startup_s:.0f} s per stage, {est.overhead.per_trial_s:.1f} s per trial included)"
-             if any(est.overhead) else ""))
+          + (f" (start-up {est.overhead.startup_s:.0f} s per stage, {est.overhead.per_trial_s:.1f} s per trial, "
+             f"{est.fixed_s:.0f} s per command included)" if any(est.overhead) else ""))
     return 0
 
 

@@ -80,8 +80,9 @@ class Estimate:
         overhead: the backend's start-up seconds per stage and overhead seconds per trial,
             included in ``search_s`` and ``confirm_s``.
         fixed_s: what the command pays outside the stages: the interpreter's start and imports
-            (measured once per machine, :func:`normsearch.search.machine_costs.python_import_s`)
-            and this estimate's own measurement; included in :attr:`total_s`.
+            (measured once per machine, :func:`normsearch.search.machine_costs.python_import_s`),
+            the backend's once-per-command cost (Ray's cluster start) and this estimate's own
+            measurement; included in :attr:`total_s`.
     """
 
     trials: int
@@ -318,7 +319,7 @@ def check(target: "Prepared | StudyConfig", steps: int = 4) -> CheckResult:
     finally:
         torch.set_num_threads(threads)
     est = estimate(prepared, timings)
-    est.fixed_s = python_import_s() + time.perf_counter() - started
+    est.fixed_s = python_import_s() + est.overhead.command_s + time.perf_counter() - started
     est.notes[:0] = [note for note in [data_note(cfg), *prepared.notes] if note]
     return CheckResult(prepared, choices, timings, est)
 

@@ -33,11 +33,13 @@ Span = tuple[float, float]  #: (low, high) seconds
 
 
 class Overhead(NamedTuple):
-    """Seconds a stage pays besides training and evaluation: once (``startup_s``: start a cluster)
-    and per trial (``per_trial_s``: start a worker, load the data, build and warm the model)."""
+    """Seconds paid besides training and evaluation: once per stage (``startup_s``: e.g. each
+    slot's first worker process), per trial (``per_trial_s``: load the data, build and warm the
+    model, the engine's bookkeeping) and once per command (``command_s``: e.g. start a cluster)."""
 
     startup_s: float = 0.0
     per_trial_s: float = 0.0
+    command_s: float = 0.0
 
 
 class Backend(ABC):

@@ -215,12 +215,13 @@ class RayBackend(Backend):
                         f"{sh:.3g} epochs on average (successive halving)")
 
     def overhead_seconds(self, cfg: StudyConfig, warmup_s: float) -> Overhead:
-        """Per stage: a local cluster's start (``ray.init`` + ``shutdown``) and each slot's first
-        worker process (interpreter start and imports), both measured once on this machine
+        """Per command: a local cluster's start (``ray.init`` + ``shutdown``); per stage: each
+        slot's first worker process (interpreter start and imports; Tune reuses it for the
+        stage's later trials), both measured once on this machine
         (:mod:`normsearch.search.machine_costs`); per trial: ``warmup_s`` plus Tune's own
         bookkeeping (:data:`TUNE_TRIAL_S`). With ``search.ray.address`` (a running cluster) no
-        start is counted."""
+        cluster start is counted."""
         from normsearch.search import machine_costs
 
         start = 0.0 if cfg.search.ray.address else machine_costs.ray_start_s(self.concurrency(cfg, []))
-        return Overhead(start + machine_costs.python_import_s(), warmup_s + TUNE_TRIAL_S)
+        return Overhead(machine_costs.python_import_s(), warmup_s + TUNE_TRIAL_S, start)
