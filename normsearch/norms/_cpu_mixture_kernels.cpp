@@ -312,31 +312,39 @@ void plane_sums_kernel(const T* a, const T* b, const T* nu, const T* cen, const 
   const int64_t kc = s.k * s.c;
   std::vector<double> partial(s.n * 2 * kc, 0.0);
   at::parallel_for(0, s.n, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) T xs[PLANE_BLOCK];  // the block of the pixel operand minus the shift, once for all K
+    std::vector<double> s1(s.k), s2(s.k);
     for (int64_t i = begin; i < end; ++i) {
       double* out = partial.data() + i * 2 * kc;
       for (int64_t c = 0; c < s.c; ++c) {
         const T* __restrict ar = a + (i * s.c + c) * s.l;
         const T* __restrict xr = (SQUARE ? a : b) + (i * s.c + c) * s.l;
-        for (int64_t k = 0; k < s.k; ++k) {
-          const T* __restrict wk = nu + (i * s.k + k) * s.l;
-          const T ck = cen != nullptr ? cen[k * s.c + c] : T(0);
-          const T shc = sh[c];
-          double s1 = 0.0, s2 = 0.0;
-          for (int64_t l0 = 0; l0 < s.l; l0 += PLANE_BLOCK) {
-            const int64_t stop = std::min(s.l, l0 + PLANE_BLOCK);
+        const T shc = sh[c];
+        std::fill(s1.begin(), s1.end(), 0.0);
+        std::fill(s2.begin(), s2.end(), 0.0);
+        for (int64_t l0 = 0; l0 < s.l; l0 += PLANE_BLOCK) {  // per k the same block sums, in the same order
+          const int64_t len = std::min(s.l - l0, PLANE_BLOCK);
+          #pragma omp simd
+          for (int64_t j = 0; j < len; ++j) xs[j] = xr[l0 + j] - shc;
+          for (int64_t k = 0; k < s.k; ++k) {
+            const T* __restrict wk = nu + (i * s.k + k) * s.l + l0;
+            const T* __restrict ak = ar + l0;
+            const T ck = cen != nullptr ? cen[k * s.c + c] : T(0);
             T t1 = T(0), t2 = T(0);
             #pragma omp simd reduction(+ : t1, t2)
-            for (int64_t j = l0; j < stop; ++j) {
-              const T d = (xr[j] - shc) - ck;
-              const T wf = wk[j] * (SQUARE ? d : ar[j]);
+            for (int64_t j = 0; j < len; ++j) {
+              const T d = xs[j] - ck;
+              const T wf = wk[j] * (SQUARE ? d : ak[j]);
               t1 += wf;
               t2 += wf * d;
             }
-            s1 += t1;
-            s2 += t2;
+            s1[k] += t1;
+            s2[k] += t2;
           }
-          out[k * s.c + c] += s1;
-          out[kc + k * s.c + c] += s2;
+        }
+        for (int64_t k = 0; k < s.k; ++k) {
+          out[k * s.c + c] += s1[k];
+          out[kc + k * s.c + c] += s2[k];
         }
       }
     }
@@ -359,11 +367,18 @@ void plane_combine_kernel(const T* a, const T* nu, const T* sc, const T* e, cons
       const T* w0 = nu + i * s.k * s.l;
       for (int64_t l0 = 0; l0 < s.l; l0 += PLANE_BLOCK) {
         const int64_t len = std::min(s.l - l0, PLANE_BLOCK);
-        #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) ms[j] = me[j] = mq[j] = T(0);
-        for (int64_t k = 0; k < s.k; ++k) {
+        for (int64_t k = 0; k < s.k; ++k) {  // k = 0 assigns (exactly 0 + w s)
           const T* __restrict wk = w0 + k * s.l + l0;
           const T sk = sc[k * s.c + c], ek = e[k * s.c + c], qk = WITH_B ? q[k * s.c + c] : T(0);
+          if (k == 0) {
+            #pragma omp simd
+            for (int64_t j = 0; j < len; ++j) {
+              ms[j] = wk[j] * sk;
+              me[j] = wk[j] * ek;
+              if (WITH_B) mq[j] = wk[j] * qk;
+            }
+            continue;
+          }
           #pragma omp simd
           for (int64_t j = 0; j < len; ++j) {
             ms[j] += wk[j] * sk;
@@ -843,6 +858,12 @@ std::vector<at::Tensor> mixture_fit_points(const at::Tensor& a, const at::Tensor
   return {out, mean};
 }
 
+namespace {
+template <typename T, int CT>
+void kmeans_pp_kernel(const T* xp, const float* dp, int64_t m, int64_t c_count, int64_t steps, int64_t trials,
+                      std::vector<int64_t>* rows);
+}  // namespace
+
 // K-means++ seeding of normsearch.norms._gmm.kmeans_pp_init with torch's random draws given:
 // `first` (1,) the first centre's row, `draws` (K - 1, trials) the U[0, 1) numbers of the later
 // steps (torch.rand, in order). Each step draws `trials` candidates with probability proportional
@@ -856,18 +877,34 @@ std::vector<at::Tensor> kmeans_pp(const at::Tensor& x, const at::Tensor& first, 
   TORCH_CHECK(first.numel() == 1 && first.scalar_type() == at::kLong, "first must be one int64 row index");
   TORCH_CHECK(draws.dim() == 2 && draws.is_contiguous() && draws.scalar_type() == at::kFloat,
               "draws must be a contiguous (K - 1, trials) float32 tensor");
-  const int64_t m = x.size(0), c = x.size(1), steps = draws.size(0), trials = draws.size(1), k = steps + 1;
+  const int64_t m = x.size(0), c = x.size(1), steps = draws.size(0), trials = draws.size(1);
   const int64_t first_row = first.item<int64_t>();
   TORCH_CHECK(first_row >= 0 && first_row < m, "first out of range");
   std::vector<int64_t> rows{first_row};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kmeans_pp", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const float* dp = draws.data_ptr<float>();
+    by_width<scalar_t>(c, [&](auto width) {
+      kmeans_pp_kernel<scalar_t, decltype(width)::value>(x.data_ptr<scalar_t>(), draws.data_ptr<float>(), m, c, steps,
+                                                          trials, &rows);
+    });
+  });
+  auto idx = torch::tensor(rows, torch::kLong);
+  return {x.index_select(0, idx), idx};
+}
+
+namespace {
+
+template <typename T, int CT>
+void kmeans_pp_kernel(const T* xp, const float* dp, int64_t m, int64_t c_count, int64_t steps, int64_t trials,
+                      std::vector<int64_t>* rows) {
+    const int64_t c = CT > 0 ? CT : c_count;
+    using scalar_t = T;
+    const int64_t first_row = (*rows)[0];
     std::vector<scalar_t> closest(m), cumulative(m), cand_dist(trials * m);
     auto sq_dist = [&](int64_t i, int64_t j) {
-      const scalar_t* a = xp + i * c;
-      const scalar_t* b = xp + j * c;
+      const scalar_t* __restrict a = xp + i * c;
+      const scalar_t* __restrict b = xp + j * c;
       scalar_t d2 = scalar_t(0);
+      #pragma omp simd reduction(+ : d2)
       for (int64_t ch = 0; ch < c; ++ch) {
         const scalar_t d = a[ch] - b[ch];
         d2 += d * d;
@@ -918,12 +955,11 @@ std::vector<at::Tensor> kmeans_pp(const at::Tensor& x, const at::Tensor& first, 
         }
       }
       std::copy(cand_dist.begin() + best * m, cand_dist.begin() + (best + 1) * m, closest.begin());
-      rows.push_back(cand[best]);
+      rows->push_back(cand[best]);
     }
-  });
-  auto idx = torch::tensor(rows, torch::kLong);
-  return {x.index_select(0, idx), idx};
 }
+
+}  // namespace
 
 namespace {
 
