@@ -24,7 +24,7 @@ reuse the kernels they share). Timings are printed, never asserted.
 Usage:
     python scripts/bench_compile.py [--threads 1] [--batch-size 128] [--eval-batch-size 500]
         [--norms batchnorm,modenorm:num_components=2] [--image 3x32x32] [--steps 5] [--rounds 3]
-        [--warmup 2] [--trial-steps 190] [--channels-last true|false] [--warm-cache]
+        [--warmup 2] [--trial-steps 190] [--channels-last true|false] [--warm-cache] [--model resnet20]
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from bench_norms import NormChoice, parse_norms  # same directory (python puts i
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet20", help="a normsearch model name (resnet20, lenet, ...)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (trials use 1)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--eval-batch-size", type=int, default=500)
@@ -114,7 +115,7 @@ def measure(choice: NormChoice, args, fmt) -> dict:
     set_seed(0)
     norm_layer = functools.partial(create_norm_layer, choice.name, **dict(choice.kwargs))
     c, h, w = args.image
-    model = create_model("resnet20", in_channels=c, num_classes=10, norm_layer=norm_layer)
+    model = create_model(args.model, in_channels=c, num_classes=10, norm_layer=norm_layer)
     model = model.to(memory_format=fmt)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch_size, c, h, w, generator=g).contiguous(memory_format=fmt)
@@ -148,7 +149,7 @@ def main() -> None:
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False
     fmt = torch.channels_last if args.channels_last == "true" else torch.contiguous_format
-    print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} thread(s), ResNet-20, image "
+    print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} thread(s), {args.model}, image "
           f"{'x'.join(map(str, args.image))}, batch {args.batch_size} (eval {args.eval_batch_size}), "
           f"{'channels_last' if args.channels_last == 'true' else 'contiguous'}, inductor caches "
           f"{'warm' if args.warm_cache else 'off'}; median of {args.rounds} rounds x {args.steps} steps")

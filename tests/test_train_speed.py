@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import normsearch.train.compile_policy as compile_policy
 import normsearch.train.trainer as train_mod
 from normsearch.config import TrainConfig
 from normsearch.norms import MixtureNorm2d, ModeGroupNorm2d, ModeNorm2d
@@ -66,16 +67,41 @@ def test_true_wraps_the_model_and_false_does_not():
     assert on.compile is True and isinstance(on._forward, CompiledForward) and on._forward.model is on.model
 
 
-@pytest.mark.parametrize("min_steps, expected", [(7, False), (6, True)])
-def test_auto_compiles_only_fits_of_enough_planned_steps(monkeypatch, min_steps, expected):
-    """``auto``: 2 epochs x 3 steps = 6 planned steps against the CPU threshold."""
+def test_forward_macs_counts_convolutions_and_linear_layers_and_changes_nothing():
+    """conv 2->4 3x3 on 6x6 (144 outputs x 18), BatchNorm, linear 144 -> 3: an exact count; the
+    probe leaves the random state, the training flag and the running statistics as they were."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(144, 3)).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    image = torch.randn(2, 6, 6)
+    rng = torch.get_rng_state()
+    assert compile_policy.forward_macs(model, image) == 144 * 18 + 3 * 144
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+# _ModeNet's multiply-adds per 2x6x6 image (convolutions, head and the ModeNorm gates)
+_MODENET_MACS = compile_policy.forward_macs(_ModeNet(), torch.zeros(2, 6, 6))
+
+
+# 2 epochs x 3 steps = 6 planned steps of 16 images: 6 * 16 * _MODENET_MACS planned multiply-adds.
+@pytest.mark.parametrize("min_steps, min_macs, expected", [
+    (7, 0.0, False), (6, 0.0, True), (6, 6 * 16 * _MODENET_MACS, True), (6, 6 * 16 * _MODENET_MACS + 1, False),
+])
+def test_auto_compiles_only_fits_of_enough_planned_steps_and_arithmetic(monkeypatch, min_steps, min_macs, expected):
+    """``auto`` against the CPU thresholds; the decision leaves the batches' order as it was."""
     compile_fn = torch.compile
     monkeypatch.setattr(train_mod.torch, "compile", lambda m, **kw: compile_fn(m, backend="eager", **kw))
     monkeypatch.setitem(train_mod.COMPILE_MIN_STEPS, "cpu", min_steps)
+    monkeypatch.setitem(train_mod.COMPILE_MIN_MACS, "cpu", min_macs)
+    torch.manual_seed(0)
     trainer = Trainer(_ModeNet(), _cfg())
     assert trainer.compile is False  # decided by fit
-    trainer.fit(_data(48, 0, 16), _data(24, 1, 24))
+    auto = trainer.fit(_data(48, 0, 16), _data(24, 1, 24))
     assert trainer.compile is expected and isinstance(trainer._forward, CompiledForward) is expected
+    if not expected:  # eager either way: the peeked first batch is still the first one trained on
+        _, eager, _ = _fit(False)
+        assert [h.train_loss for h in auto.history] == [h.train_loss for h in eager.history]
 
 
 def test_auto_leaves_models_with_mixture_norm_eager(monkeypatch):

@@ -139,17 +139,13 @@ class TrainConfig(_Strict):
         grad_clip: clip the gradient norm to this value (``None`` = no clipping).
         compile: wrap the model in ``torch.compile`` (default mode, ``dynamic=False``) for
             training and evaluation; a compilation error falls back to eager with one warning.
-            ``auto`` = compile a fit of at least 2000 planned steps (epochs x steps per epoch) on
-            CPU, 5000 on CUDA (``normsearch.train.trainer.COMPILE_MIN_STEPS``), else eager, and never a
-            model with a MixtureNorm layer (its graph breaks make the compiled step ~1.35x slower
-            than eager; ``normsearch.train.trainer.compiles_well``). On CPU a
-            short trial loses (``scripts/bench_compile.py``, 3 runs; ResNet-20, batch 128, 1
-            thread, channels_last, loaded 2-core machine): all-BatchNorm compiles in 38-66 s
-            (train + eval graphs) and then saves 16-22% per step (~400 -> ~320 ms), break-even
-            after 420-1040 steps; all-ModeNorm (K=2) compiles in 51-100 s and saves 11-35%,
-            break-even after 350-1960 steps. A quick-start trial has ~190 steps (BatchNorm:
-            eager 75-80 s, compiled 101-130 s). The CUDA threshold is an estimate (no GPU
-            measurement yet): compile time is similar there and a step saves milliseconds.
+            ``auto`` = compile only a fit whose compile time is paid back: at least 2000 planned
+            steps (epochs x steps per epoch) *and* 1e13 planned forward multiply-adds on CPU
+            (ResNet-20 at batch 128 from ~2000 steps; LeNet at batch 2 never: its 2-3 ms steps are
+            per-operator overhead, a 4000-step trial took 9-19 s eager and 24-42 s compiled),
+            5000 steps on CUDA (an estimate, no GPU measured), and never a model with a
+            MixtureNorm layer (its graph breaks make the compiled step ~1.35x slower).
+            Thresholds and measurements: ``normsearch.train.compile_policy``.
     """
 
     epochs: int = Field(1, ge=1)

@@ -22,6 +22,7 @@ temporaries such as MixtureNorm).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -39,12 +40,13 @@ from normsearch.train.runtime import (
     resolve_device,
     set_seed,
 )
+from normsearch.train.compile_policy import COMPILE_MIN_MACS, COMPILE_MIN_STEPS, compiles_well, should_compile
 from normsearch.train.records import EpochReport, FitResult, StepTotals, TrialDiverged, EpochStats
 from normsearch.config import TrainConfig
 from normsearch.norms.standardization import StandardizationLossTap
 
 __all__ = [
-    "COMPILE_MIN_STEPS", "TIMING_WARMUP_STEPS", "CompiledForward", "EpochLRFactor", "EpochReport",
+    "COMPILE_MIN_MACS", "COMPILE_MIN_STEPS", "TIMING_WARMUP_STEPS", "CompiledForward", "EpochLRFactor", "EpochReport",
     "FitResult", "StepTotals", "Trainer", "TrialDiverged", "compiles_well", "keep_freed_memory", "resolve_device",
     "set_seed",
 ]
@@ -55,18 +57,6 @@ TIMING_WARMUP_STEPS = 2
 # On accelerators, read the divergence flag on the first steps and then every this many steps.
 _ACCEL_EARLY_CHECKS = 3
 _ACCEL_CHECK_EVERY = 50
-# TrainConfig.compile="auto" compiles a fit of at least this many planned training steps
-# (epochs x steps per epoch), per device type; see TrainConfig's docstring for the measurements.
-COMPILE_MIN_STEPS = {"cpu": 2000, "cuda": 5000}
-
-
-def compiles_well(model: nn.Module) -> bool:
-    """False if any module of ``model`` sets ``compiles_well = False`` (a layer whose data-dependent
-    Python control flow breaks ``torch.compile``'s graph, e.g. MixtureNorm2d: in ResNet-20 its
-    graph breaks exhaust dynamo's recompile limit and the compiled step is ~1.35x *slower* than
-    eager, ``scripts/bench_compile.py``); ``compile: auto`` then stays eager."""
-    return all(getattr(m, "compiles_well", True) for m in model.modules())
-
 ReportFn = Callable[["EpochReport"], Optional[bool]]
 
 
@@ -106,9 +96,8 @@ class Trainer:
         channels_last: whether the model and inputs use ``torch.channels_last``.
         amp: whether bf16 autocast is on.
         compile: whether the forward runs through ``torch.compile`` (``cfg.compile``; with
-            ``auto`` it is decided by :meth:`fit` from the planned number of steps and
-            :data:`COMPILE_MIN_STEPS`, never for a model that fails :func:`compiles_well`, and is
-            ``False`` until then).
+            ``auto`` it is decided by :meth:`fit` from the planned steps and multiply-adds,
+            :func:`normsearch.train.compile_policy.should_compile`, and is ``False`` until then).
 
     Raises:
         ValueError: negative ``std_loss_weight``, or a bad device.
@@ -236,14 +225,16 @@ class Trainer:
         if len(train_loader) == 0:
             raise ValueError("train_loader is empty")
         steps = min(cfg.steps_per_epoch or len(train_loader), len(train_loader))
-        if cfg.compile == "auto":
-            self._use_compile(cfg.epochs * steps >= COMPILE_MIN_STEPS.get(self.device.type, math.inf)
-                              and compiles_well(self.model))
+        batches = _cycle(train_loader)
+        if cfg.compile == "auto":  # peek at the first batch for its image shape (same order after)
+            first = next(batches)
+            batches = itertools.chain([first], batches)
+            self._use_compile(should_compile(self.model, self._prepare(*first)[0][:1], batch_size=len(first[1]),
+                                             planned_steps=cfg.epochs * steps, device_type=self.device.type))
         optimizer = self.make_optimizer()
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, EpochLRFactor(cfg.schedule, cfg.epochs)
         )
-        batches = _cycle(train_loader)
         num_parameters = sum(p.numel() for p in self.model.parameters())
         result = FitResult(0.0, 0.0, 0, False, num_parameters=num_parameters)
         epoch_stats: list[EpochStats] = []
