@@ -14,8 +14,9 @@ What :func:`check` does, writing nothing (no run directory, no storage, no data 
    evaluation batch;
 4. epoch = steps per epoch x step time + validation images x evaluation time per image; then the
    backend (:class:`normsearch.search.Backend`) turns that into the search stage's time (trials
-   at once, what its scheduler or pruner cuts, its start-up and per-trial overhead), and the
-   confirmation and hold-out runs (each testing its own weights in its worker) are added.
+   at once, what its scheduler or pruner cuts, its start-up and per-trial overhead, and the
+   stage's tail: half a full trial on all slots but one, as trials cut short end unevenly), and
+   the confirmation and hold-out runs (each testing its own weights in its worker) are added.
 
 The fused CPU kernels of ModeNorm/MixtureNorm (:func:`normsearch.norms.build_cpu_kernels`) are compiled the
 first time a choice needs them (~40 s once per machine), which a first ``check`` then includes.
@@ -41,6 +42,11 @@ from normsearch.space import Categorical, Domain, ModelSpec, Range, SearchSpace,
 from normsearch.train import Trainer, resolve_device
 
 PROBE_BATCH = 8  #: images per forward/backward pass when building every choice
+#: Each configuration is timed over at least this many seconds of steps (more steps than asked
+#: when a step is short: one timed 70 ms step misjudged a LeNet space's trial by up to 1.5x),
+#: and at most :data:`MAX_TIMED_STEPS` steps.
+MIN_TIMED_S = 1.0
+MAX_TIMED_STEPS = 48
 
 
 class ChoiceCost(NamedTuple):
@@ -250,7 +256,10 @@ def estimate(prepared: Prepared, timings: tuple[Timing, Timing]) -> Estimate:
     overhead = backend.overhead_seconds(cfg, max(t.warmup_s for t in timings))
     train_s, schedule = backend.search_seconds(cfg, epoch_s, eval_s, n_val, conc)
     waves = math.ceil(s.n_trials / conc)
-    search = tuple(x + overhead.startup_s + waves * overhead.per_trial_s for x in train_s)
+    # trials cut short by a scheduler end at different times, so the stage ends with one slot
+    # still running while the others idle: on average half a full trial, on (conc - 1)/conc slots
+    tail = tuple((conc - 1) / conc * 0.5 * e * es for es in epoch_s)
+    search = tuple(x + t + overhead.startup_s + waves * overhead.per_trial_s for x, t in zip(train_s, tail))
     if s.timeout_s:
         search = tuple(min(x, s.timeout_s) for x in search)
         notes.append(f"search.timeout_s caps the search stage at {format_duration(s.timeout_s)}")
@@ -288,6 +297,14 @@ class CheckResult:
         return self.prepared.space
 
 
+def timed_steps(steps: int, step_s: float) -> int:
+    """Training steps to time (2 of them warm-up): ``steps``, or more when ``steps - 2`` steps of
+    about ``step_s`` seconds (the cheapest choice's probe scaled to the batch) last less than
+    :data:`MIN_TIMED_S`; never more than :data:`MAX_TIMED_STEPS` + 2."""
+    wanted = math.ceil(MIN_TIMED_S / step_s) if step_s > 0 else MAX_TIMED_STEPS
+    return max(steps, 2 + min(wanted, MAX_TIMED_STEPS))
+
+
 def check(target: "Prepared | StudyConfig", steps: int = 4) -> CheckResult:
     """Build every choice of a prepared run and time ``steps`` (>= 3, 2 warm-up) training steps of
     the cheapest and the most expensive configuration; nothing is written and no data is read.
@@ -295,7 +312,8 @@ def check(target: "Prepared | StudyConfig", steps: int = 4) -> CheckResult:
     Args:
         target: a :class:`~normsearch.prepare.Prepared` run, or a configuration, which is then
             prepared without data (:func:`normsearch.prepare.prepare` with ``data=False``).
-        steps: timed training steps per configuration.
+        steps: training steps per configuration (2 of them warm-up); more are timed when these
+            would last less than :data:`MIN_TIMED_S` (:func:`timed_steps`).
 
     Raises:
         ConfigError: invalid configuration, space or ``train.device`` (one line naming the key path).
@@ -314,8 +332,9 @@ def check(target: "Prepared | StudyConfig", steps: int = 4) -> CheckResult:
         loss_possible = isinstance(space.std_weight, Range) or space.std_weight > 0
         cheap = config_for(space, choices[0].label, largest=False, loss=False)
         dear = config_for(space, choices[-1].label, largest=True, loss=loss_possible)
-        timings = (time_config(cfg, cheap, "cheapest", steps, trial_threads),
-                   time_config(cfg, dear, "most expensive", steps, trial_threads))
+        n = timed_steps(steps, choices[0].seconds / PROBE_BATCH * cfg.train.batch_size)
+        timings = (time_config(cfg, cheap, "cheapest", n, trial_threads),
+                   time_config(cfg, dear, "most expensive", n, trial_threads))
     finally:
         torch.set_num_threads(threads)
     est = estimate(prepared, timings)

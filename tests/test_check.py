@@ -113,7 +113,9 @@ def test_estimate_arithmetic(tmp_path, monkeypatch):
     epoch = (steps * 0.5 + 128 * 0.001, steps * 2.0 + 128 * 0.004)
     assert e.epoch_s == pytest.approx(epoch)
     assert e.concurrent == 2
-    assert e.search_s == pytest.approx(tuple(6 * 3 / 2 * x + start + 3 * per_trial for x in epoch))  # 3 waves
+    tail = tuple(0.5 * 0.5 * 3 * x for x in epoch)  # half a 3-epoch trial on 1 of 2 slots
+    assert e.search_s == pytest.approx(tuple(6 * 3 / 2 * x + t + start + 3 * per_trial
+                                             for x, t in zip(epoch, tail)))  # 3 waves
     runs = (2 + 1) * 2  # top_k + references, x seeds
     n_test = cfg.data.test_size or 10000  # Fashion-MNIST's test split, tested once per run in its worker
     assert e.confirm_s == pytest.approx(tuple(math.ceil(runs / 2) * (5 * x + n_test * per_image + per_trial) + start
@@ -125,6 +127,14 @@ def test_estimate_arithmetic(tmp_path, monkeypatch):
     off = est.estimate(prepare(cfg.model_copy(update={"final": cfg.final.model_copy(update={"confirm": False})}),
                                data=False), timings)
     assert off.confirm_s == (0.0, 0.0) and "confirmation" not in off.line()
+
+
+def test_timed_steps_time_short_steps_for_at_least_a_second():
+    assert est.timed_steps(3, 0.5) == 4  # 2 warm-up + 2 x 0.5 s
+    assert est.timed_steps(3, 2.0) == 3  # one 2 s step is enough
+    assert est.timed_steps(10, 0.5) == 10  # never fewer than asked
+    assert est.timed_steps(3, 1e-4) == 2 + est.MAX_TIMED_STEPS
+    assert est.timed_steps(3, 0.0) == 2 + est.MAX_TIMED_STEPS
 
 
 def test_format_duration():

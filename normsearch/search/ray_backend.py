@@ -26,6 +26,12 @@ __all__ = ["RayBackend", "ray_trainable"]
 #: Seconds Tune spends per trial besides the trial's own work (ask, schedule, launch in a reused
 #: actor, result round trips, tell), from ``scripts/bench_overhead.py`` on the 2-core machine.
 TUNE_TRIAL_S = 1.0
+#: Seconds a stage's first trial in a new worker process pays beyond the interpreter's imports
+#: (:func:`normsearch.search.machine_costs.python_import_s`): Ray's actor start, loading the data
+#: into the worker, building the first model. ``scripts/bench_overhead.py`` on the idle 2-core
+#: machine: launch + set-up of a cold worker minus the imports = 1.1 s (the issue-22 LeNet space)
+#: and 1.9 s (``contrast_shift_lenet``).
+WORKER_SETUP_S = 1.5
 
 
 def _import_ray():
@@ -216,12 +222,13 @@ class RayBackend(Backend):
 
     def overhead_seconds(self, cfg: StudyConfig, warmup_s: float) -> Overhead:
         """Per command: a local cluster's start (``ray.init`` + ``shutdown``); per stage: each
-        slot's first worker process (interpreter start and imports; Tune reuses it for the
-        stage's later trials), both measured once on this machine
+        slot's first worker process (interpreter start and imports, measured, plus
+        :data:`WORKER_SETUP_S`; Tune reuses it for the stage's later trials), both measured once
+        on this machine
         (:mod:`normsearch.search.machine_costs`); per trial: ``warmup_s`` plus Tune's own
         bookkeeping (:data:`TUNE_TRIAL_S`). With ``search.ray.address`` (a running cluster) no
         cluster start is counted."""
         from normsearch.search import machine_costs
 
         start = 0.0 if cfg.search.ray.address else machine_costs.ray_start_s(self.concurrency(cfg, []))
-        return Overhead(machine_costs.python_import_s(), warmup_s + TUNE_TRIAL_S, start)
+        return Overhead(machine_costs.python_import_s() + WORKER_SETUP_S, warmup_s + TUNE_TRIAL_S, start)
