@@ -127,6 +127,12 @@ def test_estimate_arithmetic(tmp_path, monkeypatch):
     off = est.estimate(prepare(cfg.model_copy(update={"final": cfg.final.model_copy(update={"confirm": False})}),
                                data=False), timings)
     assert off.confirm_s == (0.0, 0.0) and "confirmation" not in off.line()
+    # two one-thread trials on 2 cores fill the machine: the slow end widens by the measured spread
+    monkeypatch.setattr(ray_backend.os, "cpu_count", lambda: 2)
+    two = tiny(tmp_path, search={"backend": "ray", "n_trials": 6, "ray": {"cpus_per_trial": 1, "scheduler": "fifo"}})
+    assert two.train.threads == 1
+    full = est.estimate(prepare(two, data=False), timings)
+    assert full.concurrent == 2 and full.epoch_s == pytest.approx((epoch[0], est.FULL_MACHINE_SPREAD * epoch[1]))
 
 
 def test_timed_steps_time_short_steps_for_at_least_a_second():
