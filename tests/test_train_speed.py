@@ -80,6 +80,23 @@ def test_forward_macs_counts_convolutions_and_linear_layers_and_changes_nothing(
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+class _FailsInEval(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            raise RuntimeError("no eval mode")
+        return x
+
+
+def test_should_compile_leaves_a_model_it_cannot_count_eager(monkeypatch):
+    monkeypatch.setitem(compile_policy.COMPILE_MIN_STEPS, "cpu", 1)
+    model = _FailsInEval().train()
+    assert not compile_policy.should_compile(model, torch.zeros(2, 6, 6), planned_steps=10**6, batch_size=128,
+                                             device_type="cpu")
+    assert model.training
+    monkeypatch.setitem(compile_policy.COMPILE_MIN_MACS, "cpu", 0.0)  # no counting needed: compiled
+    assert compile_policy.should_compile(model, torch.zeros(2, 6, 6), planned_steps=1, batch_size=1, device_type="cpu")
+
+
 # _ModeNet's multiply-adds per 2x6x6 image (convolutions, head and the ModeNorm gates)
 _MODENET_MACS = compile_policy.forward_macs(_ModeNet(), torch.zeros(2, 6, 6))
 

@@ -89,9 +89,16 @@ def should_compile(model: nn.Module, image: torch.Tensor, *, planned_steps: int,
 
     Returns:
         True when both thresholds are met and the model :func:`compiles_well`; the model is only
-        run (to count its multiply-adds) when the step threshold and ``compiles_well`` pass.
+        run (to count its multiply-adds) when the step threshold and ``compiles_well`` pass, and a
+        model whose counting forward raises is left eager (the error shows in training, if real).
     """
     if planned_steps < COMPILE_MIN_STEPS.get(device_type, math.inf) or not compiles_well(model):
         return False
     min_macs = COMPILE_MIN_MACS.get(device_type, math.inf)
-    return min_macs <= 0 or planned_steps * batch_size * forward_macs(model, image) >= min_macs
+    if min_macs <= 0:
+        return True
+    try:
+        macs = forward_macs(model, image)
+    except Exception:  # noqa: BLE001 - a model the counter cannot run is trained eagerly, not failed
+        return False
+    return planned_steps * batch_size * macs >= min_macs
