@@ -405,6 +405,18 @@ void plane_combine_kernel(const T* a, const T* nu, const T* sc, const T* e, cons
 
 constexpr int64_t POST_BLOCK = 64;  // rows per block of the posterior and EM loops
 
+// sum_c h[c] (x[c] - m[c])^2 over C channels: the Mahalanobis term of a diagonal Gaussian's log density.
+template <typename T>
+inline T weighted_sq_dist(const T* __restrict x, const T* __restrict m, const T* __restrict h, int64_t C) {
+  T acc = T(0);
+  #pragma omp simd reduction(+ : acc)
+  for (int64_t c = 0; c < C; ++c) {
+    const T d = x[c] - m[c];
+    acc += h[c] * d * d;
+  }
+  return acc;
+}
+
 // Rows: nu[k, p] = softmax_k(bias_k - sum_c hp_kc ((a[p, c] - sh[c]) - mu_kc)^2), nu (K, P).
 template <typename T, int CT>
 void posterior_rows_kernel(const T* a, const T* sh, const T* mu, const T* hp, const T* bias, const Shape& s, T* nu) {
@@ -422,17 +434,7 @@ void posterior_rows_kernel(const T* a, const T* sh, const T* mu, const T* hp, co
         const T* __restrict ar = a + (r0 + r) * C;
         #pragma omp simd
         for (int64_t c = 0; c < C; ++c) xc[c] = ar[c] - sh[c];
-        for (int64_t k = 0; k < s.k; ++k) {
-          const T* __restrict mk = mu + k * C;
-          const T* __restrict hk = hp + k * C;
-          T acc = T(0);
-          #pragma omp simd reduction(+ : acc)
-          for (int64_t c = 0; c < C; ++c) {
-            const T d = xc[c] - mk[c];
-            acc += hk[c] * d * d;
-          }
-          lp[k * POST_BLOCK + r] = bias[k] - acc;
-        }
+        for (int64_t k = 0; k < s.k; ++k) lp[k * POST_BLOCK + r] = bias[k] - weighted_sq_dist(xc, mu + k * C, hp + k * C, C);
       }
       softmax_block(lp, s.k, len, POST_BLOCK, nu + r0, s.p, mx, sum);
     }
@@ -521,19 +523,8 @@ void gmm_sums_kernel(const T* x, const T* seeds, const T* mu, const T* hp, const
             }
             assign_all[r0 + r] = best;
           }
-          for (int64_t k = 0; k < k_count && mu != nullptr; ++k) {
-            {
-              const T* __restrict mk = mu + k * C;
-              const T* __restrict hk = hp + k * C;
-              T q = T(0);
-              #pragma omp simd reduction(+ : q)
-              for (int64_t c = 0; c < C; ++c) {
-                const T d = xr[c] - mk[c];
-                q += hk[c] * d * d;
-              }
-              lp[k * POST_BLOCK + r] = bias[k] - q;
-            }
-          }
+          for (int64_t k = 0; k < k_count && mu != nullptr; ++k)
+            lp[k * POST_BLOCK + r] = bias[k] - weighted_sq_dist(xr, mu + k * C, hp + k * C, C);
         }
         if (mu != nullptr) softmax_block(lp, k_count, len, POST_BLOCK, lp, POST_BLOCK, mx, sum);
         for (int64_t i = 0; i < size; ++i) acc[i] = T(0);
